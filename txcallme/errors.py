@@ -1,0 +1,198 @@
+"""One error hierarchy for txcallme.
+
+Every failure a caller can see is a :class:`CallmeError`, except exceptions
+raised by a remote handler whose type is allowed to be rebuilt locally (see
+:data:`BUILTIN_REMOTE_TYPES` and :meth:`RemoteErrorRegistry.register`).
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterable
+from typing import Any
+
+
+class CallmeError(Exception):
+    """The root of every txcallme error."""
+
+
+# --- connecting -------------------------------------------------------------
+
+
+class BrokerUnreachable(CallmeError):
+    """The broker's address could not be reached (refused, timed out, DNS)."""
+
+    def __init__(self, host: str, port: int, reason: str = "") -> None:
+        self.host = host
+        self.port = port
+        self.reason = reason
+        super().__init__(
+            f"cannot reach the AMQP broker at {host}:{port}" + (f": {reason}" if reason else "")
+        )
+
+
+class AuthenticationError(CallmeError):
+    """The broker refused the credentials (or the vhost) at connection time."""
+
+    def __init__(self, user: str, vhost: str, reason: str = "") -> None:
+        self.user = user
+        self.vhost = vhost
+        self.reason = reason
+        super().__init__(
+            f"the broker refused login for user {user!r} on vhost {vhost!r}"
+            + (f": {reason}" if reason else "")
+        )
+
+
+class BrokerConnectionLost(CallmeError):
+    """The connection to the broker dropped while a call was in flight."""
+
+
+class TLSError(CallmeError):
+    """The TLS handshake with the broker failed (certificate, hostname, protocol)."""
+
+
+# --- calling ----------------------------------------------------------------
+
+
+class RpcTimeout(CallmeError):
+    """No reply came within the call's timeout."""
+
+    def __init__(self, server_id: str, method: str, timeout: float) -> None:
+        self.server_id = server_id
+        self.method = method
+        self.timeout = timeout
+        super().__init__(f"call {server_id}.{method} got no reply within {timeout:g} s")
+
+
+class ServerUnavailable(CallmeError):
+    """No server is consuming requests for this server id (nothing to route to)."""
+
+    def __init__(self, server_id: str, reason: str = "") -> None:
+        self.server_id = server_id
+        self.reason = reason
+        super().__init__(
+            f"no server is serving {server_id!r}" + (f" ({reason})" if reason else "")
+        )
+
+
+class AccessRefused(CallmeError):
+    """The broker refused an operation on an object (permissions)."""
+
+    def __init__(self, message: str, obj: str = "", user: str = "") -> None:
+        self.object = obj
+        self.user = user
+        super().__init__(message)
+
+
+class ChannelError(CallmeError):
+    """The broker closed a channel for another reason (code and text kept)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        self.code = code
+        self.text = text
+        super().__init__(f"{code} {text}")
+
+
+class ProxyClosed(CallmeError):
+    """The Proxy was closed; no more calls can be made with it."""
+
+
+# --- serving / wire ---------------------------------------------------------
+
+
+class SerializationError(CallmeError):
+    """A value could not be encoded or decoded by the serializer."""
+
+
+class InvalidRequest(CallmeError):
+    """A request on the wire was malformed (shape, content type, size)."""
+
+
+class PayloadTooLarge(InvalidRequest):
+    """A message body is over the configured size limit."""
+
+
+class ServiceError(CallmeError):
+    """Starting a server failed (e.g. the broker refused its queue)."""
+
+
+class RemoteError(CallmeError):
+    """A remote handler raised an exception whose type is not rebuilt locally.
+
+    :ivar type_name: the remote exception's qualified type name
+    :ivar message: ``str()`` of the remote exception
+    :ivar remote_args: the remote exception's ``args`` (JSON-safe)
+    :ivar remote_traceback: the formatted remote traceback text
+    """
+
+    def __init__(
+        self,
+        type_name: str,
+        message: str,
+        remote_args: Iterable[Any] = (),
+        remote_traceback: str = "",
+    ) -> None:
+        self.type_name = type_name
+        self.message = message
+        self.remote_args = tuple(remote_args)
+        self.remote_traceback = remote_traceback
+        super().__init__(f"{type_name}: {message}")
+
+
+#: Built-in exception types rebuilt as themselves when raised remotely.
+BUILTIN_REMOTE_TYPES: dict[str, type[BaseException]] = {
+    name: getattr(builtins, name)
+    for name in (
+        "ArithmeticError AssertionError AttributeError EOFError FloatingPointError "
+        "IndexError KeyError LookupError MemoryError NameError NotImplementedError "
+        "OSError OverflowError RecursionError RuntimeError StopIteration TimeoutError "
+        "TypeError UnicodeError ValueError ZeroDivisionError PermissionError "
+        "FileNotFoundError FileExistsError ConnectionError Exception"
+    ).split()
+}
+
+
+class RemoteErrorRegistry:
+    """The allow-list of exception types a Proxy rebuilds from the wire.
+
+    Types are looked up by the name the server sends; nothing named by the wire
+    is ever imported.
+    """
+
+    def __init__(self) -> None:
+        self._types: dict[str, type[BaseException]] = dict(BUILTIN_REMOTE_TYPES)
+
+    def register(self, exc_type: type[BaseException], name: str | None = None) -> None:
+        """Allow *exc_type* to be rebuilt when a server raises it.
+
+        *name* defaults to ``module.QualName`` as the server reports it.
+        """
+        if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+            raise TypeError(f"{exc_type!r} is not an exception type")
+        self._types[name or qualified_name(exc_type)] = exc_type
+
+    def rebuild(
+        self, type_name: str, message: str, args: Iterable[Any], traceback: str
+    ) -> BaseException:
+        """The local exception for a remote error description."""
+        exc_type = self._types.get(type_name)
+        if exc_type is not None:
+            try:
+                exc = exc_type(*args)
+            except Exception:
+                exc = None
+            if exc is not None:
+                exc.remote_traceback = traceback  # type: ignore[attr-defined]
+                exc.remote_type = type_name  # type: ignore[attr-defined]
+                if traceback:
+                    exc.add_note("Remote traceback:\n" + traceback.rstrip())
+                return exc
+        return RemoteError(type_name, message, args, traceback)
+
+
+def qualified_name(exc_type: type) -> str:
+    """The name an exception type travels under: bare for builtins, else module.qualname."""
+    if exc_type.__module__ == "builtins":
+        return exc_type.__qualname__
+    return f"{exc_type.__module__}.{exc_type.__qualname__}"
