@@ -8,6 +8,7 @@ raised by a remote handler whose type is allowed to be rebuilt locally (see
 from __future__ import annotations
 
 import builtins
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -76,22 +77,54 @@ class ServerUnavailable(CallmeError):
         )
 
 
-class AccessRefused(CallmeError):
-    """The broker refused an operation on an object (permissions)."""
-
-    def __init__(self, message: str, obj: str = "", user: str = "") -> None:
-        self.object = obj
-        self.user = user
-        super().__init__(message)
-
-
 class ChannelError(CallmeError):
-    """The broker closed a channel for another reason (code and text kept)."""
+    """The broker refused an operation and closed the channel it was on.
+
+    :ivar code: the AMQP reply code (403, 404, 405, 406, ...)
+    :ivar text: the broker's reply text
+    :ivar object: the exchange or queue the broker named, if any
+    """
 
     def __init__(self, code: int, text: str) -> None:
         self.code = code
         self.text = text
+        found = re.search(r"(?:exchange|queue) '([^']*)'", text)
+        self.object = found.group(1) if found else ""
         super().__init__(f"{code} {text}")
+
+
+class AccessRefused(ChannelError):
+    """The broker's permissions refused an operation (AMQP 403).
+
+    :ivar user: the user the broker named, if any
+    """
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(code, text)
+        found = re.search(r"for user '([^']*)'", text)
+        self.user = found.group(1) if found else ""
+
+
+class NotFound(ChannelError):
+    """The exchange or queue does not exist (AMQP 404)."""
+
+
+class Unroutable(CallmeError):
+    """A mandatory message reached an exchange with no queue bound (AMQP 312)."""
+
+    def __init__(self, exchange: str, routing_key: str, text: str = "NO_ROUTE") -> None:
+        self.exchange = exchange
+        self.routing_key = routing_key
+        super().__init__(f"{text}: nothing bound to {exchange!r} with key {routing_key!r}")
+
+
+def channel_error(code: int, text: str) -> ChannelError:
+    """The :class:`ChannelError` subclass for a broker reply code."""
+    if code == 403:
+        return AccessRefused(code, text)
+    if code == 404:
+        return NotFound(code, text)
+    return ChannelError(code, text)
 
 
 class ProxyClosed(CallmeError):

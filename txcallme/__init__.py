@@ -1,0 +1,1 @@
+"""txcallme: RPC over AMQP for Twisted."""

@@ -1,0 +1,146 @@
+"""The wire protocol, in one place: object names, message properties and the
+request/reply envelopes. README.rst documents exactly what is here.
+
+Request body (JSON by default)::
+
+    {"method": "add", "args": [1, 2], "kwargs": {}, "deadline": 1764220000.5}
+
+``deadline`` (optional) is the caller's absolute give-up time in Unix seconds.
+
+Reply body, one of::
+
+    {"result": 3}
+    {"error": {"type": "ZeroDivisionError", "message": "division by zero",
+               "args": ["division by zero"], "traceback": "Traceback ..."}}
+"""
+
+from __future__ import annotations
+
+import traceback as tb
+from typing import Any
+
+import attrs
+
+from txcallme.errors import InvalidRequest, SerializationError, qualified_name
+from txcallme.serializers import Serializer
+
+#: Methods under this prefix are reserved for txcallme itself.
+RESERVED_PREFIX = "__callme__."
+
+
+def server_exchange(server_id: str) -> str:
+    return f"server_{server_id}_ex"
+
+
+def server_queue(server_id: str) -> str:
+    return f"server_{server_id}_queue"
+
+
+def client_exchange(amqp_user: str, uid: str) -> str:
+    return f"client_{amqp_user}_ex_{uid}"
+
+
+def client_queue(amqp_user: str, uid: str) -> str:
+    return f"client_{amqp_user}_queue_{uid}"
+
+
+def check_server_id(server_id: str) -> str:
+    """Refuse server ids that cannot make valid, unambiguous AMQP names."""
+    if not isinstance(server_id, str) or not server_id:
+        raise ValueError("server_id must be a non-empty string")
+    if len(server_id) > 200 or any(c.isspace() for c in server_id):
+        raise ValueError(f"server_id must be at most 200 characters, no spaces: {server_id!r}")
+    return server_id
+
+
+@attrs.frozen
+class Request:
+    method: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    deadline: float | None = None
+
+
+def encode_request(serializer: Serializer, request: Request) -> bytes:
+    body: dict[str, Any] = {"method": request.method, "args": request.args,
+                            "kwargs": request.kwargs}
+    if request.deadline is not None:
+        body["deadline"] = request.deadline
+    return serializer.dumps(body)
+
+
+def decode_request(serializer: Serializer, data: bytes) -> Request:
+    """Decode and validate a request body; raise :class:`InvalidRequest`."""
+    try:
+        body = serializer.loads(data)
+    except SerializationError as e:
+        raise InvalidRequest(str(e)) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"request body must be an object, not {type(body).__name__}")
+    method = body.get("method")
+    args = body.get("args", [])
+    kwargs = body.get("kwargs", {})
+    deadline = body.get("deadline")
+    if not isinstance(method, str) or not method:
+        raise InvalidRequest("request needs a non-empty string 'method'")
+    if not isinstance(args, (list, tuple)):
+        raise InvalidRequest("request 'args' must be an array")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidRequest("request 'kwargs' must be an object")
+    if deadline is not None and (
+        isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+    ):
+        raise InvalidRequest("request 'deadline' must be a number")
+    extra = set(body) - {"method", "args", "kwargs", "deadline"}
+    if extra:
+        raise InvalidRequest(f"unknown request fields: {sorted(extra)}")
+    return Request(method, list(args), kwargs, deadline)
+
+
+def encode_result(serializer: Serializer, value: Any) -> bytes:
+    return serializer.dumps({"result": value})
+
+
+def error_description(exc: BaseException, with_traceback: bool = True) -> dict[str, Any]:
+    """The wire form of an exception: type name, message, JSON-safe args, traceback."""
+    args: list[Any] = []
+    for arg in exc.args:
+        if arg is None or isinstance(arg, (str, int, float, bool)):
+            args.append(arg)
+        else:
+            args.append(repr(arg))
+    text = "".join(tb.format_exception(exc)) if with_traceback else ""
+    return {"type": qualified_name(type(exc)), "message": str(exc), "args": args,
+            "traceback": text}
+
+
+def encode_error(serializer: Serializer, error: dict[str, Any]) -> bytes:
+    return serializer.dumps({"error": error})
+
+
+@attrs.frozen
+class Reply:
+    ok: bool
+    value: Any = None
+    error: dict[str, Any] = attrs.field(factory=dict)
+
+
+def decode_reply(serializer: Serializer, data: bytes) -> Reply:
+    """Decode a reply body; raise :class:`InvalidRequest` if it is not one."""
+    try:
+        body = serializer.loads(data)
+    except SerializationError as e:
+        raise InvalidRequest(f"reply: {e}") from None
+    if isinstance(body, dict):
+        if set(body) == {"result"}:
+            return Reply(True, body["result"])
+        if set(body) == {"error"} and isinstance(body["error"], dict):
+            err = body["error"]
+            args = err.get("args", [])
+            return Reply(False, error={
+                "type": str(err.get("type", "Exception")),
+                "message": str(err.get("message", "")),
+                "args": list(args) if isinstance(args, list) else [],
+                "traceback": str(err.get("traceback", "")),
+            })
+    raise InvalidRequest("reply body must be {'result': ...} or {'error': {...}}")
