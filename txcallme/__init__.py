@@ -1,1 +1,34 @@
-"""txcallme: RPC over AMQP for Twisted."""
+"""txcallme: RPC over AMQP for Twisted, the event-driven successor of callme."""
+
+from txcallme._params import ConnectionParams, TLSSettings, connection_params
+from txcallme._version import __version__
+from txcallme.errors import (
+    AccessRefused,
+    AuthenticationError,
+    BrokerConnectionLost,
+    BrokerUnreachable,
+    CallmeError,
+    ChannelError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ProxyClosed,
+    RemoteError,
+    RpcTimeout,
+    SerializationError,
+    ServerUnavailable,
+    TLSError,
+    UnknownMethod,
+)
+from txcallme.proxy import Proxy, ServerProxy
+from txcallme.serializers import JSONSerializer, PickleSerializer, Serializer
+from txcallme.service import CallmeServerService
+
+__all__ = [
+    "AccessRefused", "AuthenticationError", "BrokerConnectionLost", "BrokerUnreachable",
+    "CallmeError", "CallmeServerService", "ChannelError", "ConnectionParams", "InvalidRequest",
+    "JSONSerializer", "NotFound", "PayloadTooLarge", "PickleSerializer", "Proxy", "ProxyClosed",
+    "RemoteError", "RpcTimeout", "SerializationError", "Serializer", "ServerProxy",
+    "ServerUnavailable", "TLSError", "TLSSettings", "UnknownMethod", "__version__",
+    "connection_params",
+]

@@ -288,6 +288,14 @@ class Protocol(AMQClient):
         if wrapper is not None:
             wrapper.closed_by_broker(error)
 
+    def do_close(self, reason: Any) -> None:
+        # txamqp iterates the live dict while closing channels can change it.
+        for ch in list(self.channels.values()):
+            ch.close(reason)
+        for queue in list(self.queues.values()):
+            queue.close()
+        self.delegate.close(reason)
+
     def connectionLost(self, reason: Failure) -> None:  # noqa: N802
         for loop in self._heartbeat_loops:
             if loop.running:

@@ -146,6 +146,10 @@ class PayloadTooLarge(InvalidRequest):
     """A message body is over the configured size limit."""
 
 
+class UnknownMethod(CallmeError):
+    """The server has no function registered under the called name."""
+
+
 class ServiceError(CallmeError):
     """Starting a server failed (e.g. the broker refused its queue)."""
 
@@ -195,6 +199,8 @@ class RemoteErrorRegistry:
 
     def __init__(self) -> None:
         self._types: dict[str, type[BaseException]] = dict(BUILTIN_REMOTE_TYPES)
+        for own in (UnknownMethod, SerializationError, InvalidRequest, PayloadTooLarge):
+            self._types[qualified_name(own)] = own
 
     def register(self, exc_type: type[BaseException], name: str | None = None) -> None:
         """Allow *exc_type* to be rebuilt when a server raises it.

@@ -1,0 +1,167 @@
+"""Publishing with publisher confirms, so a caller learns which messages the
+broker took and which it refused.
+
+A publish to an exchange that is missing (404) or forbidden (403) closes the
+channel it was sent on, and the broker silently drops whatever was pipelined
+after it. :class:`ConfirmedPublisher` keeps every unconfirmed message; when
+its channel dies it fails the messages sent to the exchange the broker named,
+and (with ``replay=True``) publishes the others again on a fresh channel, so
+one bad destination never takes other messages down with it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txcallme._channel import Channel, Returned
+from txcallme.errors import BrokerConnectionLost, CallmeError, ChannelError, Unroutable
+
+log = Logger(namespace="callme.connection")
+
+
+@attrs.define(slots=True, eq=False)
+class _Message:
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: dict[str, Any]
+    mandatory: bool
+    done: Deferred[None]
+    returned: Returned | None = None
+
+
+class ConfirmedPublisher:
+    """Publishes on one confirming channel, opened on demand."""
+
+    def __init__(self, open_channel: Callable[[], Deferred[Channel]], *,
+                 replay: bool) -> None:
+        self._open_channel = open_channel
+        self._replay = replay
+        self._channel: Channel | None = None
+        self._opening: Deferred[Channel] | None = None
+        self._waiting: list[_Message] = []
+        self._unconfirmed: OrderedDict[int, _Message] = OrderedDict()
+        self._closed = False
+
+    def publish(self, exchange: str, routing_key: str, body: bytes,
+                properties: dict[str, Any], mandatory: bool = False) -> Deferred[None]:
+        """Fires when the broker confirms; fails with Unroutable (mandatory and
+        nothing bound), AccessRefused/NotFound (the exchange), ChannelError
+        (nack) or BrokerConnectionLost."""
+        message = _Message(exchange, routing_key, body, properties, mandatory, Deferred())
+        if self._closed:
+            message.done.errback(BrokerConnectionLost("publisher is closed"))
+        else:
+            self._send(message)
+        return message.done
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._unconfirmed) + len(self._waiting)
+
+    def _send(self, message: _Message) -> None:
+        channel = self._channel
+        if channel is None:
+            self._waiting.append(message)
+            self._ensure_channel()
+            return
+        tag = channel.publish(message.exchange, message.routing_key, message.body,
+                              message.properties, message.mandatory)
+        self._unconfirmed[tag] = message
+
+    def _ensure_channel(self) -> None:
+        if self._opening is not None or self._closed:
+            return
+        self._opening = d = self._open_channel()
+
+        async def configure(channel: Channel) -> Channel:
+            await channel.confirm_select()
+            return channel
+
+        d.addCallback(lambda ch: Deferred.fromCoroutine(configure(ch)))
+        d.addCallbacks(self._opened, self._open_failed)
+
+    def _opened(self, channel: Channel) -> None:
+        self._opening = None
+        if self._closed:
+            channel.close()
+            return
+        self._channel = channel
+        channel.on_confirm = self._confirmed
+        channel.on_return = self._returned
+        channel.on_close.append(lambda error: self._channel_closed(channel, error))
+        waiting, self._waiting = self._waiting, []
+        for message in waiting:
+            self._send(message)
+
+    def _open_failed(self, reason: Failure) -> None:
+        self._opening = None
+        waiting, self._waiting = self._waiting, []
+        for message in waiting:
+            message.done.errback(reason)
+
+    def _confirmed(self, tag: int, multiple: bool, ok: bool) -> None:
+        if multiple:
+            tags = [t for t in self._unconfirmed if t <= tag]
+        else:
+            tags = [tag] if tag in self._unconfirmed else []
+        for t in tags:
+            message = self._unconfirmed.pop(t)
+            if not ok:
+                message.done.errback(ChannelError(0, "broker nacked the message"))
+            elif message.returned is not None:
+                r = message.returned
+                message.done.errback(Unroutable(r.exchange, r.routing_key, r.reply_text))
+            else:
+                message.done.callback(None)
+
+    def _returned(self, returned: Returned) -> None:
+        corr = returned.properties.get("correlation_id")
+        for message in self._unconfirmed.values():
+            if (message.returned is None and message.exchange == returned.exchange
+                    and message.routing_key == returned.routing_key
+                    and message.properties.get("correlation_id") == corr):
+                message.returned = returned
+                return
+
+    def _channel_closed(self, channel: Channel, error: CallmeError) -> None:
+        if channel is not self._channel:
+            return
+        self._channel = None
+        pending = list(self._unconfirmed.values())
+        self._unconfirmed.clear()
+        bad = getattr(error, "object", "")
+        replayable = self._replay and isinstance(error, ChannelError) and not self._closed
+        again: list[_Message] = []
+        for index, message in enumerate(pending):
+            culprit = message.exchange == bad if bad else index == 0
+            if replayable and not culprit:
+                again.append(message)
+            else:
+                message.done.errback(error)
+        if again:
+            log.info("re-publishing {n} messages after channel error {error}",
+                     n=len(again), error=error)
+            self._waiting[:0] = again
+            self._ensure_channel()
+
+    def close(self) -> Deferred[None]:
+        """Fail what is unconfirmed and close the channel."""
+        self._closed = True
+        error = BrokerConnectionLost("publisher closed")
+        for message in [*self._unconfirmed.values(), *self._waiting]:
+            if not message.done.called:
+                message.done.errback(error)
+        self._unconfirmed.clear()
+        self._waiting.clear()
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.closed:
+            return channel.close()
+        return succeed(None)

@@ -1,0 +1,270 @@
+"""Proxy: call functions on txcallme (and callme) servers; every call returns
+a Deferred.
+
+Many calls share one connection and one reply queue; replies are matched by
+correlation id. Requests go out with publisher confirms and ``mandatory`` on
+one channel per destination server, so a missing or forbidden server fails
+only the calls made to it, at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txcallme import _wire
+from txcallme._channel import Connection, Delivery
+from txcallme._params import ConnectionParams, TLSSettings, connection_params
+from txcallme._publisher import ConfirmedPublisher
+from txcallme._session import Session
+from txcallme.errors import (
+    CallmeError,
+    InvalidRequest,
+    NotFound,
+    ProxyClosed,
+    RemoteErrorRegistry,
+    RpcTimeout,
+    ServerUnavailable,
+    Unroutable,
+)
+from txcallme.serializers import JSON, Serializer
+
+log = Logger(namespace="callme.proxy")
+
+
+@attrs.define(slots=True, eq=False)
+class _Call:
+    server_id: str
+    method: str
+    deferred: Deferred[Any]
+    published: bool = False
+
+
+class Proxy:
+    """A client for txcallme servers. It connects when created.
+
+    Parameters follow callme's ``Proxy``; ``timeout`` (seconds) is the
+    default for every call.
+    """
+
+    def __init__(
+        self,
+        amqp_host: str | Sequence[str] = "localhost",
+        amqp_port: int | None = None,
+        amqp_user: str = "guest",
+        amqp_password: str = "guest",
+        amqp_vhost: str = "/",
+        timeout: float = 60.0,
+        *,
+        amqp_url: str | None = None,
+        ssl: bool | TLSSettings = False,
+        params: ConnectionParams | None = None,
+        serializer: Serializer = JSON,
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self.params = params or connection_params(
+            amqp_host, amqp_port, amqp_user, amqp_password, amqp_vhost,
+            amqp_url=amqp_url, ssl=ssl)
+        self.timeout = timeout
+        self.serializer = serializer
+        self.errors = RemoteErrorRegistry()
+        uid = uuid.uuid4().hex
+        self.exchange = _wire.client_exchange(self.params.user, uid)
+        self.queue = _wire.client_queue(self.params.user, uid)
+        self._ids = itertools.count(1)
+        self._pending: dict[str, _Call] = {}
+        self._destinations: dict[str, ConfirmedPublisher] = {}
+        self._connection: Connection | None = None
+        self._closed = False
+        self._session = Session(reactor, self.params, self._prepare, self._lost,
+                                name="proxy")
+        self._session.start()
+
+    # -- public API ------------------------------------------------------------
+
+    def use_server(self, server_id: str, timeout: float | None = None) -> ServerProxy:
+        """A view of this proxy bound to *server_id* (and a default timeout)."""
+        return ServerProxy(self, _wire.check_server_id(server_id), timeout)
+
+    def call(self, server_id: str, method: str, /, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """Call *method* on *server_id* with the proxy's default timeout.
+
+        Fires with the result; fails with the remote exception (rebuilt, see
+        :attr:`errors`), RpcTimeout, ServerUnavailable, AccessRefused,
+        BrokerUnreachable, AuthenticationError, BrokerConnectionLost or
+        ProxyClosed. Cancelling the Deferred abandons the call.
+        """
+        return self.invoke(server_id, method, args, kwargs)
+
+    def invoke(self, server_id: str, method: str, args: Sequence[Any] = (),
+               kwargs: dict[str, Any] | None = None, *,
+               timeout: float | None = None) -> Deferred[Any]:
+        """Like :meth:`call`, with arguments as values and a per-call timeout."""
+        if self._closed:
+            return fail(ProxyClosed("the proxy is closed"))
+        timeout = self.timeout if timeout is None else timeout
+        if timeout <= 0:
+            return fail(ValueError("timeout must be positive"))
+        deadline = time.time() + timeout
+        try:
+            body = _wire.encode_request(self.serializer, _wire.Request(
+                method, list(args), dict(kwargs or {}), deadline))
+        except CallmeError as e:
+            return fail(e)
+        corr = f"{next(self._ids):x}"
+        d: Deferred[Any] = Deferred(lambda _: self._pending.pop(corr, None))
+        call = _Call(server_id, method, d)
+        self._pending[corr] = call
+        d.addTimeout(timeout, self._reactor, onTimeoutCancel=lambda result, t: Failure(
+            RpcTimeout(server_id, method, t)))
+        connection = self._connection
+        if connection is not None:
+            self._publish(connection, corr, call, body, deadline)
+        else:
+            ready = self._session.ready()
+            ready.addCallbacks(lambda conn: self._publish(conn, corr, call, body, deadline),
+                               lambda f: self._fail(corr, f))
+        return d
+
+    def close(self) -> Deferred[None]:
+        """Fail calls in flight with ProxyClosed and close the connection."""
+        if self._closed:
+            return succeed(None)
+        self._closed = True
+        for corr in list(self._pending):
+            self._fail(corr, Failure(ProxyClosed("the proxy was closed")))
+        for publisher in self._destinations.values():
+            publisher.close()
+        self._destinations.clear()
+        return self._session.stop()
+
+    def when_ready(self) -> Deferred[Connection]:
+        """Fires when connected and consuming replies (first connect fails fast)."""
+        return self._session.ready()
+
+    @property
+    def pending_count(self) -> int:
+        """Calls waiting for a reply."""
+        return len(self._pending)
+
+    # -- internals ---------------------------------------------------------------
+
+    async def _prepare(self, connection: Connection) -> None:
+        channel = await connection.open_channel()
+        await channel.declare_exchange(self.exchange, "direct", auto_delete=True)
+        await channel.declare_queue(self.queue, exclusive=True, auto_delete=True)
+        await channel.bind_queue(self.queue, self.exchange, self.exchange)
+        await channel.consume(self.queue, self._reply, no_ack=True, exclusive=True)
+        self._destinations = {}
+        self._connection = connection
+
+    def _lost(self, error: CallmeError) -> None:
+        self._connection = None
+        self._destinations = {}
+        for corr, call in list(self._pending.items()):
+            if call.published:
+                self._fail(corr, Failure(error))
+
+    def _publish(self, connection: Connection, corr: str, call: _Call, body: bytes,
+                 deadline: float) -> None:
+        if corr not in self._pending:
+            return
+        if connection is not self._connection:  # reconnected meanwhile
+            connection = self._connection or connection
+        publisher = self._destinations.get(call.server_id)
+        if publisher is None:
+            publisher = ConfirmedPublisher(connection.open_channel, replay=False)
+            self._destinations[call.server_id] = publisher
+        expiration = max(1, int((deadline - time.time()) * 1000))
+        props = {"content_type": self.serializer.content_type, "correlation_id": corr,
+                 "reply_to": self.exchange, "expiration": str(expiration)}
+        call.published = True
+        confirmed = publisher.publish(_wire.server_exchange(call.server_id), call.server_id,
+                                      body, props, mandatory=True)
+        confirmed.addErrback(self._publish_failed, corr)
+
+    def _publish_failed(self, reason: Failure, corr: str) -> None:
+        call = self._pending.get(corr)
+        if call is None:
+            return
+        if reason.check(Unroutable):
+            reason = Failure(ServerUnavailable(call.server_id, "no queue is bound"))
+        elif reason.check(NotFound):
+            reason = Failure(ServerUnavailable(
+                call.server_id, f"exchange {_wire.server_exchange(call.server_id)} not found"))
+        self._fail(corr, reason)
+
+    def _fail(self, corr: str, reason: Failure) -> None:
+        call = self._pending.pop(corr, None)
+        if call is not None and not call.deferred.called:
+            call.deferred.errback(reason)
+
+    def _reply(self, delivery: Delivery) -> None:
+        corr = delivery.properties.get("correlation_id")
+        call = self._pending.pop(corr, None) if isinstance(corr, str) else None
+        if call is None:
+            log.info("dropping a reply for no pending call (late or foreign), "
+                     "correlation id {corr!r}", corr=corr)
+            return
+        try:
+            if delivery.problem:
+                raise InvalidRequest(f"unreadable reply: {delivery.problem}")
+            reply = _wire.decode_reply(self.serializer, delivery.body)
+        except InvalidRequest as e:
+            call.deferred.errback(e)
+            return
+        if reply.ok:
+            call.deferred.callback(reply.value)
+        else:
+            err = reply.error
+            call.deferred.errback(self.errors.rebuild(
+                err["type"], err["message"], err["args"], err["traceback"]))
+
+
+class ServerProxy:
+    """``proxy.use_server('foo')``: attribute access names remote functions."""
+
+    def __init__(self, proxy: Proxy, server_id: str, timeout: float | None) -> None:
+        self._proxy = proxy
+        self._server_id = server_id
+        self._timeout = timeout
+
+    def __getattr__(self, name: str) -> _RemoteMethod:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _RemoteMethod(self._proxy, self._server_id, name, self._timeout)
+
+    def __repr__(self) -> str:
+        return f"<ServerProxy {self._server_id!r}>"
+
+
+class _RemoteMethod:
+    def __init__(self, proxy: Proxy, server_id: str, name: str, timeout: float | None) -> None:
+        self._proxy = proxy
+        self._server_id = server_id
+        self._name = name
+        self._timeout = timeout
+
+    def __getattr__(self, name: str) -> _RemoteMethod:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _RemoteMethod(self._proxy, self._server_id, f"{self._name}.{name}",
+                             self._timeout)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        return self._proxy.invoke(self._server_id, self._name, args, kwargs,
+                                  timeout=self._timeout)
+
+
+

@@ -1,0 +1,135 @@
+"""Dispatching one request: look up, bind arguments, run the handler where it
+belongs (reactor or thread pool), and encode a reply that always exists.
+
+No AMQP here: :class:`Dispatcher` turns a :class:`~txcallme._wire.Request`
+into reply bytes; :mod:`txcallme.service` moves the bytes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txcallme._wire import (
+    RESERVED_PREFIX,
+    Request,
+    encode_error,
+    encode_result,
+    error_description,
+)
+from txcallme.errors import SerializationError, UnknownMethod
+from txcallme.serializers import Serializer
+
+log = Logger(namespace="callme.server")
+
+
+@attrs.frozen
+class Handler:
+    name: str
+    func: Callable[..., Any]
+    signature: inspect.Signature | None
+    blocking: bool
+
+
+class Dispatcher:
+    """The registry of exposed functions and the logic of running one call."""
+
+    def __init__(self, serializer: Serializer, *, reactor: Any = None,
+                 thread_pool: Any = None) -> None:
+        self.serializer = serializer
+        self._reactor = reactor
+        self._pool = thread_pool
+        self.handlers: dict[str, Handler] = {}
+
+    def register(self, func: Callable[..., Any], name: str | None = None, *,
+                 blocking: bool | None = None, reserved: bool = False) -> None:
+        """Expose *func* as *name* (default: its ``__name__``).
+
+        ``blocking=None`` decides by kind: coroutine functions run on the
+        reactor; plain functions run in the thread pool when there is one.
+        """
+        if not callable(func):
+            raise TypeError(f"{func!r} is not callable")
+        name = name or getattr(func, "__name__", None)
+        if not name or not isinstance(name, str):
+            raise ValueError(f"cannot find a name for {func!r}; pass name=")
+        if name.startswith(RESERVED_PREFIX) and not reserved:
+            raise ValueError(f"names starting with {RESERVED_PREFIX!r} are reserved")
+        if name in self.handlers:
+            raise ValueError(f"a function is already registered as {name!r}")
+        try:
+            signature: inspect.Signature | None = inspect.signature(func)
+        except (TypeError, ValueError):
+            signature = None
+        if blocking is None:
+            blocking = self._pool is not None and not _is_async(func)
+        elif blocking and self._pool is None:
+            raise ValueError("blocking=True needs a thread pool (threading=True)")
+        self.handlers[name] = Handler(name, func, signature, blocking)
+
+    def dispatch(self, request: Request) -> Deferred[bytes]:
+        """Run *request*; fires with the reply body (result or error). Never fails."""
+        handler = self.handlers.get(request.method)
+        if handler is None:
+            return self._error(UnknownMethod(f"no function {request.method!r} on this server"))
+        if handler.signature is not None:
+            try:
+                handler.signature.bind(*request.args, **request.kwargs)
+            except TypeError as e:
+                return self._error(TypeError(f"{request.method}(): {e}"))
+        if handler.blocking:
+            d = deferToThreadPool(self._reactor, self._pool, handler.func,
+                                  *request.args, **request.kwargs)
+        else:
+            d = maybeDeferred(_run_on_reactor, handler.func, request.args, request.kwargs)
+        return d.addCallbacks(self._result, self._failure, callbackArgs=(request.method,),
+                              errbackArgs=(request.method,))
+
+    def _result(self, value: Any, method: str) -> bytes:
+        try:
+            return encode_result(self.serializer, value)
+        except SerializationError as e:
+            log.warn("result of {method} cannot be serialized: {error}", method=method, error=e)
+            error = SerializationError(f"result of {method}() cannot be serialized: {e}")
+            return encode_error(self.serializer, error_description(error, False))
+
+    def _failure(self, failure: Failure, method: str) -> bytes:
+        exc = failure.value
+        log.info("{method} raised {type}: {exc}", method=method, type=type(exc).__name__,
+                 exc=exc)
+        description = error_description(exc, with_traceback=False)
+        description["traceback"] = failure.getTraceback()
+        try:
+            return encode_error(self.serializer, description)
+        except SerializationError:
+            description["args"] = [repr(a) for a in description["args"]]
+            return encode_error(self.serializer, description)
+
+    def _error(self, exc: Exception) -> Deferred[bytes]:
+        body = encode_error(self.serializer, error_description(exc, with_traceback=False))
+        d: Deferred[bytes] = Deferred()
+        d.callback(body)
+        return d
+
+
+def _is_async(func: Callable[..., Any]) -> bool:
+    target = getattr(func, "__func__", func)
+    if inspect.iscoroutinefunction(target):
+        return True
+    return not inspect.isroutine(target) and inspect.iscoroutinefunction(
+        type(target).__call__)
+
+
+def _run_on_reactor(func: Callable[..., Any], args: list[Any],
+                    kwargs: dict[str, Any]) -> Any:
+    result = func(*args, **kwargs)
+    if inspect.iscoroutine(result) or isinstance(result, Deferred):
+        return ensureDeferred(result)
+    return result

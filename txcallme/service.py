@@ -1,0 +1,236 @@
+"""CallmeServerService: a Twisted service that serves one server id.
+
+Lifecycle: connect (and reconnect), declare the server's exchange and queue,
+consume with a prefetch tied to the concurrency limit, reply, ack only after
+the reply is confirmed, and on stop: stop consuming, finish in-flight calls,
+stop the thread pool, close.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from txcallme import _wire
+from txcallme._channel import Channel, Connection, Delivery
+from txcallme._params import ConnectionParams, TLSSettings, connection_params
+from txcallme._publisher import ConfirmedPublisher
+from txcallme._session import Session
+from txcallme.errors import CallmeError, InvalidRequest, PayloadTooLarge
+from txcallme.serializers import JSON, Serializer
+from txcallme.server import Dispatcher
+
+log = Logger(namespace="callme.server")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Default largest request body a server reads (bytes).
+DEFAULT_MAX_BODY_SIZE = 16 * 1024 * 1024
+
+
+class CallmeServerService(Service):
+    """Serve registered functions under *server_id* over AMQP.
+
+    ``threading=True`` (callme's ``threaded=True``) runs plain functions in the
+    service's own pool of *threads* threads; ``async def`` functions and
+    functions returning Deferreds run on the reactor.
+    """
+
+    def __init__(
+        self,
+        server_id: str,
+        amqp_host: str | Sequence[str] = "localhost",
+        amqp_port: int | None = None,
+        amqp_user: str = "guest",
+        amqp_password: str = "guest",
+        amqp_vhost: str = "/",
+        threading: bool = False,
+        threads: int = 10,
+        *,
+        threaded: bool | None = None,
+        amqp_url: str | None = None,
+        ssl: bool | TLSSettings = False,
+        params: ConnectionParams | None = None,
+        serializer: Serializer = JSON,
+        prefetch: int | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.server_id = _wire.check_server_id(server_id)
+        self.name = f"callme-{server_id}"
+        self._reactor = reactor
+        self.params = params or connection_params(
+            amqp_host, amqp_port, amqp_user, amqp_password, amqp_vhost,
+            amqp_url=amqp_url, ssl=ssl)
+        if threaded is not None:
+            threading = threaded
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        self.threading = threading
+        self.threads = threads
+        self.prefetch = prefetch or (threads if threading else 100)
+        self.max_body_size = max_body_size
+        self.serializer = serializer
+        self._pool = ThreadPool(0, threads, name=self.name) if threading else None
+        self.dispatcher = Dispatcher(serializer, reactor=reactor, thread_pool=self._pool)
+        self._session = Session(reactor, self.params, self._prepare, self._lost,
+                                name=f"server {server_id!r}", max_body_size=max_body_size)
+        self._replies: ConfirmedPublisher | None = None
+        self._consumer: tuple[Channel, str] | None = None
+        self._in_flight = 0
+        self._drained: list[Deferred[None]] = []
+        self._stopping = False
+
+    # -- registration ----------------------------------------------------------
+
+    def register_function(self, func: F | None = None, name: str | None = None, *,
+                          blocking: bool | None = None) -> Any:
+        """Expose *func* under *name* (dotted names allowed).
+
+        Usable as ``register_function(f)``, ``@register_function`` or
+        ``@register_function(name="math.add")``; returns the function.
+        """
+        if func is None:
+            return lambda f: self.register_function(f, name, blocking=blocking)
+        self.dispatcher.register(func, name, blocking=blocking)
+        return func
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self._stopping = False
+        if self._pool is not None:
+            self._pool.start()
+        self._session.start()
+
+    def when_ready(self) -> Deferred[Connection]:
+        """Fires once the server consumes requests; fails with the first
+        connection error (BrokerUnreachable, AuthenticationError, AccessRefused)."""
+        return self._session.ready()
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        """Stop consuming, let running calls finish and reply, then close.
+
+        Fires when the connection is closed; requests not started are requeued.
+        """
+        super().stopService()
+        self._stopping = True
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._consumer is not None:
+            channel, tag = self._consumer
+            self._consumer = None
+            try:
+                await channel.cancel(tag)
+            except CallmeError:
+                pass
+        if self._in_flight:
+            log.info("waiting for {n} running calls to finish", n=self._in_flight)
+            d: Deferred[None] = Deferred()
+            self._drained.append(d)
+            await d
+        if self._pool is not None:
+            self._pool.stop()
+        if self._replies is not None:
+            await self._replies.close()
+        await self._session.stop()
+
+    async def _prepare(self, connection: Connection) -> None:
+        exchange = _wire.server_exchange(self.server_id)
+        queue = _wire.server_queue(self.server_id)
+        channel = await connection.open_channel()
+        await channel.qos(self.prefetch)
+        await channel.declare_exchange(exchange, "direct", auto_delete=True)
+        await channel.declare_queue(queue, auto_delete=True)
+        await channel.bind_queue(queue, exchange, self.server_id)
+        self._replies = ConfirmedPublisher(connection.open_channel, replay=True)
+        tag = await channel.consume(queue, lambda d: self._request(channel, d))
+        self._consumer = (channel, tag)
+        log.info("serving {server_id!r} ({n} functions)", server_id=self.server_id,
+                 n=len(self.dispatcher.handlers))
+
+    def _lost(self, error: CallmeError) -> None:
+        self._consumer = None
+        self._replies = None
+
+    # -- one request -------------------------------------------------------------
+
+    def _request(self, channel: Channel, delivery: Delivery) -> None:
+        if self._stopping:
+            channel.reject(delivery.delivery_tag, requeue=True)
+            return
+        props = delivery.properties
+        reply_to = props.get("reply_to")
+        corr = props.get("correlation_id")
+        try:
+            request = self._decode(delivery)
+        except InvalidRequest as e:
+            log.warn("bad request (correlation id {corr!r}, reply_to {reply_to!r}): {error}",
+                     corr=corr, reply_to=reply_to, error=e)
+            if reply_to:
+                body = _wire.encode_error(self.serializer, _wire.error_description(e, False))
+                self._reply(channel, delivery, reply_to, corr, body)
+            else:
+                channel.ack(delivery.delivery_tag)
+            return
+        if not reply_to:
+            log.warn("request {method!r} has no reply_to: not run", method=request.method)
+            channel.ack(delivery.delivery_tag)
+            return
+        if request.deadline is not None and time.time() > request.deadline:
+            log.info("request {method!r} expired before it started: not run",
+                     method=request.method)
+            channel.ack(delivery.delivery_tag)
+            return
+        self._in_flight += 1
+        d = self.dispatcher.dispatch(request)
+        d.addCallback(lambda body: self._reply(channel, delivery, reply_to, corr, body))
+        d.addErrback(lambda f: log.failure("dispatch failed", f))
+        d.addBoth(self._finished)
+
+    def _decode(self, delivery: Delivery) -> _wire.Request:
+        if delivery.problem:
+            if delivery.size > self.max_body_size:
+                raise PayloadTooLarge(f"request of {delivery.size} bytes is over the "
+                                      f"{self.max_body_size} byte limit")
+            raise InvalidRequest(delivery.problem)
+        content_type = delivery.properties.get("content_type")
+        if content_type and content_type != self.serializer.content_type:
+            raise InvalidRequest(f"content type {content_type!r} not accepted; this server "
+                                 f"reads {self.serializer.content_type!r}")
+        return _wire.decode_request(self.serializer, delivery.body)
+
+    def _reply(self, channel: Channel, delivery: Delivery, reply_to: str, corr: Any,
+               body: bytes) -> Deferred[None]:
+        props: dict[str, Any] = {"content_type": self.serializer.content_type}
+        if corr is not None:
+            props["correlation_id"] = corr
+        replies = self._replies
+        if replies is None:  # the connection is gone; the broker will redeliver
+            return succeed(None)
+        d = replies.publish(reply_to, reply_to, body, props)
+
+        def failed(reason: Any) -> None:
+            log.warn("cannot reply to {reply_to!r}: {error}", reply_to=reply_to,
+                     error=reason.value)
+
+        d.addErrback(failed)
+        d.addCallback(lambda _: channel.ack(delivery.delivery_tag))
+        return d
+
+    def _finished(self, _: Any) -> None:
+        self._in_flight -= 1
+        if not self._in_flight and self._drained:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
