@@ -314,6 +314,7 @@ class ProtocolFactory(AMQFactory):
     """txamqp's factory, building :class:`Protocol` with the project's spec."""
 
     protocol = Protocol
+    noisy = False
 
     def __init__(self, params: ConnectionParams, clock: Any) -> None:
         # AMQFactory.__init__ would parse a spec file on every instance.

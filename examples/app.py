@@ -1,0 +1,6 @@
+"""The callme getting-started server functions, for ``twistd callme --module app``."""
+
+
+def add(a, b):
+    """Return a + b."""
+    return a + b
