@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from txcallme import _wire
+from txcallme import _introspect, _wire
 from txcallme._channel import Channel, Connection, Delivery
 from txcallme._params import ConnectionParams, TLSSettings, connection_params
 from txcallme._publisher import ConfirmedPublisher
@@ -39,7 +39,8 @@ class CallmeServerService(Service):
 
     ``threading=True`` (callme's ``threaded=True``) runs plain functions in the
     service's own pool of *threads* threads; ``async def`` functions and
-    functions returning Deferreds run on the reactor.
+    functions returning Deferreds run on the reactor. ``introspection=False``
+    turns off the reserved ``__callme__.ping`` / ``__callme__.describe`` calls.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class CallmeServerService(Service):
         serializer: Serializer = JSON,
         prefetch: int | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        introspection: bool = True,
         reactor: Any = None,
     ) -> None:
         if reactor is None:
@@ -81,6 +83,8 @@ class CallmeServerService(Service):
         self.serializer = serializer
         self._pool = ThreadPool(0, threads, name=self.name) if threading else None
         self.dispatcher = Dispatcher(serializer, reactor=reactor, thread_pool=self._pool)
+        if introspection:
+            _introspect.install(self.dispatcher, server_id)
         self._session = Session(reactor, self.params, self._prepare, self._lost,
                                 name=f"server {server_id!r}", max_body_size=max_body_size)
         self._replies: ConfirmedPublisher | None = None
@@ -156,8 +160,8 @@ class CallmeServerService(Service):
         self._replies = ConfirmedPublisher(connection.open_channel, replay=True)
         tag = await channel.consume(queue, lambda d: self._request(channel, d))
         self._consumer = (channel, tag)
-        log.info("serving {server_id!r} ({n} functions)", server_id=self.server_id,
-                 n=len(self.dispatcher.handlers))
+        log.info("serving {server_id!r}: {names}", server_id=self.server_id,
+                 names=", ".join(self.dispatcher.handlers))
 
     def _lost(self, error: CallmeError) -> None:
         self._consumer = None
