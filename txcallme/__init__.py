@@ -22,13 +22,35 @@ from txcallme.errors import (
 )
 from txcallme.proxy import Proxy, ServerProxy
 from txcallme.serializers import JSONSerializer, PickleSerializer, Serializer
+from txcallme.server import CallContext
 from txcallme.service import CallmeServerService
 
 __all__ = [
-    "AccessRefused", "AuthenticationError", "BrokerConnectionLost", "BrokerUnreachable",
-    "CallmeError", "CallmeServerService", "ChannelError", "ConnectionParams", "InvalidRequest",
-    "JSONSerializer", "NotFound", "PayloadTooLarge", "PickleSerializer", "Proxy", "ProxyClosed",
-    "RemoteError", "RpcTimeout", "SerializationError", "Serializer", "ServerProxy",
-    "ServerUnavailable", "TLSError", "TLSSettings", "UnknownMethod", "__version__",
+    "__version__",
+    "AccessRefused",
+    "AuthenticationError",
+    "BrokerConnectionLost",
+    "BrokerUnreachable",
+    "CallContext",
+    "CallmeError",
+    "CallmeServerService",
+    "ChannelError",
     "connection_params",
+    "ConnectionParams",
+    "InvalidRequest",
+    "JSONSerializer",
+    "NotFound",
+    "PayloadTooLarge",
+    "PickleSerializer",
+    "Proxy",
+    "ProxyClosed",
+    "RemoteError",
+    "RpcTimeout",
+    "SerializationError",
+    "Serializer",
+    "ServerProxy",
+    "ServerUnavailable",
+    "TLSError",
+    "TLSSettings",
+    "UnknownMethod",
 ]

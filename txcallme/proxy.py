@@ -68,6 +68,7 @@ class Proxy:
         ssl: bool | TLSSettings = False,
         params: ConnectionParams | None = None,
         serializer: Serializer = JSON,
+        max_body_size: int = 64 * 1024 * 1024,
         reactor: Any = None,
     ) -> None:
         if reactor is None:
@@ -88,7 +89,7 @@ class Proxy:
         self._connection: Connection | None = None
         self._closed = False
         self._session = Session(reactor, self.params, self._prepare, self._lost,
-                                name="proxy")
+                                name="proxy", max_body_size=max_body_size)
         self._session.start()
 
     # -- public API ------------------------------------------------------------

@@ -31,11 +31,26 @@ log = Logger(namespace="callme.server")
 
 
 @attrs.frozen
+class CallContext:
+    """What a handler registered with ``with_context=True`` receives as ``context=``."""
+
+    server_id: str
+    method: str
+    correlation_id: str | None
+    reply_to: str | None
+    #: True if the broker delivered this request before (a server died mid-call):
+    #: the call may already have run once.
+    redelivered: bool
+    deadline: float | None
+
+
+@attrs.frozen
 class Handler:
     name: str
     func: Callable[..., Any]
     signature: inspect.Signature | None
     blocking: bool
+    with_context: bool = False
 
 
 class Dispatcher:
@@ -49,11 +64,13 @@ class Dispatcher:
         self.handlers: dict[str, Handler] = {}
 
     def register(self, func: Callable[..., Any], name: str | None = None, *,
-                 blocking: bool | None = None, reserved: bool = False) -> None:
+                 blocking: bool | None = None, with_context: bool = False,
+                 reserved: bool = False) -> None:
         """Expose *func* as *name* (default: its ``__name__``).
 
         ``blocking=None`` decides by kind: coroutine functions run on the
         reactor; plain functions run in the thread pool when there is one.
+        ``with_context=True`` passes a :class:`CallContext` as ``context=``.
         """
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
@@ -72,23 +89,28 @@ class Dispatcher:
             blocking = self._pool is not None and not _is_async(func)
         elif blocking and self._pool is None:
             raise ValueError("blocking=True needs a thread pool (threading=True)")
-        self.handlers[name] = Handler(name, func, signature, blocking)
+        self.handlers[name] = Handler(name, func, signature, blocking, with_context)
 
-    def dispatch(self, request: Request) -> Deferred[bytes]:
+    def dispatch(self, request: Request, context: CallContext | None = None) -> Deferred[bytes]:
         """Run *request*; fires with the reply body (result or error). Never fails."""
         handler = self.handlers.get(request.method)
         if handler is None:
             return self._error(UnknownMethod(f"no function {request.method!r} on this server"))
+        kwargs = request.kwargs
+        if handler.with_context:
+            if "context" in kwargs:
+                return self._error(TypeError(f"{request.method}(): 'context' is reserved"))
+            kwargs = {**kwargs, "context": context}
         if handler.signature is not None:
             try:
-                handler.signature.bind(*request.args, **request.kwargs)
+                handler.signature.bind(*request.args, **kwargs)
             except TypeError as e:
                 return self._error(TypeError(f"{request.method}(): {e}"))
         if handler.blocking:
             d = deferToThreadPool(self._reactor, self._pool, handler.func,
-                                  *request.args, **request.kwargs)
+                                  *request.args, **kwargs)
         else:
-            d = maybeDeferred(_run_on_reactor, handler.func, request.args, request.kwargs)
+            d = maybeDeferred(_run_on_reactor, handler.func, request.args, kwargs)
         return d.addCallbacks(self._result, self._failure, callbackArgs=(request.method,),
                               errbackArgs=(request.method,))
 

@@ -24,7 +24,7 @@ from txcallme._publisher import ConfirmedPublisher
 from txcallme._session import Session
 from txcallme.errors import CallmeError, InvalidRequest, PayloadTooLarge
 from txcallme.serializers import JSON, Serializer
-from txcallme.server import Dispatcher
+from txcallme.server import CallContext, Dispatcher
 
 log = Logger(namespace="callme.server")
 
@@ -41,6 +41,12 @@ class CallmeServerService(Service):
     service's own pool of *threads* threads; ``async def`` functions and
     functions returning Deferreds run on the reactor. ``introspection=False``
     turns off the reserved ``__callme__.ping`` / ``__callme__.describe`` calls.
+
+    ``ack="after_reply"`` (default, at-least-once): a request is acked after its
+    reply is confirmed, so a server that dies mid-call has it redelivered to
+    another instance. ``ack="on_receipt"`` (at-most-once) acks before running.
+    ``durable=True`` declares a durable, non-auto-delete exchange and queue
+    (RabbitMQ 4.x refuses transient non-exclusive queues by default).
     """
 
     def __init__(
@@ -62,6 +68,8 @@ class CallmeServerService(Service):
         prefetch: int | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         introspection: bool = True,
+        ack: str = "after_reply",
+        durable: bool = False,
         reactor: Any = None,
     ) -> None:
         if reactor is None:
@@ -80,6 +88,11 @@ class CallmeServerService(Service):
         self.threads = threads
         self.prefetch = prefetch or (threads if threading else 100)
         self.max_body_size = max_body_size
+        if ack not in ("after_reply", "on_receipt"):
+            raise ValueError("ack must be 'after_reply' (at-least-once) or 'on_receipt' "
+                             "(at-most-once)")
+        self.ack = ack
+        self.durable = durable
         self.serializer = serializer
         self._pool = ThreadPool(0, threads, name=self.name) if threading else None
         self.dispatcher = Dispatcher(serializer, reactor=reactor, thread_pool=self._pool)
@@ -96,15 +109,19 @@ class CallmeServerService(Service):
     # -- registration ----------------------------------------------------------
 
     def register_function(self, func: F | None = None, name: str | None = None, *,
-                          blocking: bool | None = None) -> Any:
+                          blocking: bool | None = None, with_context: bool = False) -> Any:
         """Expose *func* under *name* (dotted names allowed).
 
         Usable as ``register_function(f)``, ``@register_function`` or
         ``@register_function(name="math.add")``; returns the function.
+        ``blocking`` forces where a plain function runs (thread pool or
+        reactor); ``with_context=True`` passes a
+        :class:`~txcallme.server.CallContext` as the keyword ``context``.
         """
         if func is None:
-            return lambda f: self.register_function(f, name, blocking=blocking)
-        self.dispatcher.register(func, name, blocking=blocking)
+            return lambda f: self.register_function(f, name, blocking=blocking,
+                                                    with_context=with_context)
+        self.dispatcher.register(func, name, blocking=blocking, with_context=with_context)
         return func
 
     # -- lifecycle -------------------------------------------------------------
@@ -154,8 +171,9 @@ class CallmeServerService(Service):
         queue = _wire.server_queue(self.server_id)
         channel = await connection.open_channel()
         await channel.qos(self.prefetch)
-        await channel.declare_exchange(exchange, "direct", auto_delete=True)
-        await channel.declare_queue(queue, auto_delete=True)
+        await channel.declare_exchange(exchange, "direct", durable=self.durable,
+                                       auto_delete=not self.durable)
+        await channel.declare_queue(queue, durable=self.durable, auto_delete=not self.durable)
         await channel.bind_queue(queue, exchange, self.server_id)
         self._replies = ConfirmedPublisher(connection.open_channel, replay=True)
         tag = await channel.consume(queue, lambda d: self._request(channel, d))
@@ -196,8 +214,12 @@ class CallmeServerService(Service):
                      method=request.method)
             channel.ack(delivery.delivery_tag)
             return
+        if self.ack == "on_receipt":
+            channel.ack(delivery.delivery_tag)
+        context = CallContext(self.server_id, request.method, corr, reply_to,
+                              delivery.redelivered, request.deadline)
         self._in_flight += 1
-        d = self.dispatcher.dispatch(request)
+        d = self.dispatcher.dispatch(request, context)
         d.addCallback(lambda body: self._reply(channel, delivery, reply_to, corr, body))
         d.addErrback(lambda f: log.failure("dispatch failed", f))
         d.addBoth(self._finished)
@@ -229,7 +251,8 @@ class CallmeServerService(Service):
                      error=reason.value)
 
         d.addErrback(failed)
-        d.addCallback(lambda _: channel.ack(delivery.delivery_tag))
+        if self.ack == "after_reply":
+            d.addCallback(lambda _: channel.ack(delivery.delivery_tag))
         return d
 
     def _finished(self, _: Any) -> None:
