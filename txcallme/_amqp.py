@@ -241,7 +241,7 @@ class Protocol(AMQClient):
         if isinstance(payload, Header):
             props = _codec.encode_properties(self.spec.txcallme_raw_props, payload.properties)
             return _codec.frame(_codec.FRAME_HEADER, frame.channel,
-                                _codec.struct.pack(">HHQ", payload.klass.id, 0, payload.size)
+                                _codec.CONTENT_HEAD.pack(payload.klass.id, 0, payload.size)
                                 + props)
         if isinstance(payload, Body):
             return _codec.frame(_codec.FRAME_BODY, frame.channel, payload.content)
@@ -281,6 +281,7 @@ class Protocol(AMQClient):
         wrapper = self.wrappers.pop(channel.id, None)
         self.channels.pop(channel.id, None)
         msg = reason.value
+        error: CallmeError
         if isinstance(msg, Message):
             error = channel_error(msg.reply_code, _text(msg.reply_text))
         else:

@@ -8,6 +8,7 @@ and publisher confirms arrive as synchronous callbacks.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ from txcallme.errors import BrokerConnectionLost, CallmeError, channel_error
 
 log = Logger(namespace="callme.connection")
 
-_NO_PROPS = b"\x00\x00"
+_ACK_ARGS = struct.Struct(">QB")
 
 
 @attrs.define(slots=True)
@@ -56,7 +57,7 @@ def _broker_error(exc: Exception) -> CallmeError:
         return exc
     reason = exc.args[0] if exc.args else None
     code = getattr(reason, "reply_code", None)
-    if code is not None:
+    if code is not None and reason is not None:
         text = reason.reply_text
         return channel_error(code, text.decode() if isinstance(text, bytes) else str(text))
     return BrokerConnectionLost(f"channel closed: {reason!r}")
@@ -177,12 +178,12 @@ class Channel:
         if not self.closed:
             self._proto.write(_codec.method_frame(
                 self.id, 60, 80,
-                _codec.struct.pack(">QB", delivery_tag, 1 if multiple else 0)))
+                _ACK_ARGS.pack(delivery_tag, 1 if multiple else 0)))
 
     def reject(self, delivery_tag: int, requeue: bool) -> None:
         if not self.closed:
             self._proto.write(_codec.method_frame(
-                self.id, 60, 90, _codec.struct.pack(">QB", delivery_tag, 1 if requeue else 0)))
+                self.id, 60, 90, _ACK_ARGS.pack(delivery_tag, 1 if requeue else 0)))
 
     # -- called by the protocol ------------------------------------------------
 
@@ -236,7 +237,7 @@ class Connection:
 
     @property
     def lost(self) -> bool:
-        return self.protocol.closed
+        return bool(self.protocol.closed)
 
     def open_channel(self) -> Deferred[Channel]:
         """Open a new channel; fires with a :class:`Channel`."""

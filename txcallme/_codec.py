@@ -36,7 +36,7 @@ _f = struct.Struct(">f")
 _d = struct.Struct(">d")
 _FRAME_HEAD = struct.Struct(">BHI")
 _METHOD_HEAD = struct.Struct(">HH")
-_CONTENT_HEAD = struct.Struct(">HHQ")
+CONTENT_HEAD = _CONTENT_HEAD = struct.Struct(">HHQ")
 
 #: Most nested tables/arrays accepted when decoding a field table.
 MAX_TABLE_DEPTH = 32

@@ -76,7 +76,7 @@ class BrokerEndpoint:
         )
         if self._params.tls is not None:
             endpoint = wrapClientTLS(tls_options(self._params.tls, host), endpoint)
-        d = endpoint.connect(protocolFactory)
+        d: Deferred[Any] = endpoint.connect(protocolFactory)
 
         def failed(reason: Failure) -> Failure:
             if reason.check(

@@ -140,7 +140,7 @@ def connection_params(
     individual arguments.
     """
     if amqp_url:
-        kwargs = {"heartbeat": heartbeat, "connect_timeout": connect_timeout}
+        kwargs: dict[str, Any] = {"heartbeat": heartbeat, "connect_timeout": connect_timeout}
         kwargs.update(parse_url(amqp_url))
         if isinstance(ssl, TLSSettings):
             kwargs["tls"] = ssl

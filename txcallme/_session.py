@@ -4,7 +4,7 @@ handshake and the owner's set-up (declares, consumers) as the preparation step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -30,7 +30,7 @@ class Session:
     """
 
     def __init__(self, reactor: Any, params: ConnectionParams,
-                 prepare: Callable[[Connection], Deferred[Any]],
+                 prepare: Callable[[Connection], Awaitable[Any]],
                  lost: Callable[[CallmeError], None], *, name: str,
                  max_body_size: int | None = None) -> None:
         self._reactor = reactor
@@ -44,7 +44,8 @@ class Session:
         self.last_error: Failure | None = None
         self._endpoint = BrokerEndpoint(reactor, params)
         self._service = ClientService(
-            self._endpoint, ProtocolFactory(params, reactor),
+            self._endpoint,  # type: ignore[arg-type]  # zope @implementer
+            ProtocolFactory(params, reactor),
             retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0, factor=2.0),
             clock=reactor, prepareConnection=self._prepare_protocol,
         )

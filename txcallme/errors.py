@@ -224,7 +224,7 @@ class RemoteErrorRegistry:
             if exc is not None:
                 exc.remote_traceback = traceback  # type: ignore[attr-defined]
                 exc.remote_type = type_name  # type: ignore[attr-defined]
-                if traceback:
+                if traceback and hasattr(exc, "add_note"):  # Python 3.11+
                     exc.add_note("Remote traceback:\n" + traceback.rstrip())
                 return exc
         return RemoteError(type_name, message, args, traceback)

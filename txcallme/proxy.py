@@ -124,7 +124,7 @@ class Proxy:
         except CallmeError as e:
             return fail(e)
         corr = f"{next(self._ids):x}"
-        d: Deferred[Any] = Deferred(lambda _: self._pending.pop(corr, None))
+        d: Deferred[Any] = Deferred(lambda _: self._forget(corr))
         call = _Call(server_id, method, d)
         self._pending[corr] = call
         d.addTimeout(timeout, self._reactor, onTimeoutCancel=lambda result, t: Failure(
@@ -205,6 +205,9 @@ class Proxy:
             reason = Failure(ServerUnavailable(
                 call.server_id, f"exchange {_wire.server_exchange(call.server_id)} not found"))
         self._fail(corr, reason)
+
+    def _forget(self, corr: str) -> None:
+        self._pending.pop(corr, None)
 
     def _fail(self, corr: str, reason: Failure) -> None:
         call = self._pending.pop(corr, None)

@@ -124,6 +124,7 @@ class Dispatcher:
 
     def _failure(self, failure: Failure, method: str) -> bytes:
         exc = failure.value
+        assert exc is not None
         log.info("{method} raised {type}: {exc}", method=method, type=type(exc).__name__,
                  exc=exc)
         description = error_description(exc, with_traceback=False)

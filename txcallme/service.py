@@ -127,7 +127,7 @@ class CallmeServerService(Service):
     # -- lifecycle -------------------------------------------------------------
 
     def startService(self) -> None:  # noqa: N802
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._stopping = False
         if self._pool is not None:
             self._pool.start()
@@ -143,7 +143,7 @@ class CallmeServerService(Service):
 
         Fires when the connection is closed; requests not started are requeued.
         """
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
         return Deferred.fromCoroutine(self._stop())
 
