@@ -13,7 +13,7 @@ import itertools
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -221,25 +221,39 @@ class Proxy:
             log.info("dropping a reply for no pending call (late or foreign), "
                      "correlation id {corr!r}", corr=corr)
             return
-        try:
-            if delivery.problem:
-                raise InvalidRequest(f"unreadable reply: {delivery.problem}")
-            reply = _wire.decode_reply(self.serializer, delivery.body)
-        except InvalidRequest as e:
-            call.deferred.errback(e)
-            return
-        if reply.ok:
-            call.deferred.callback(reply.value)
+        if delivery.problem:
+            call.deferred.errback(InvalidRequest(f"unreadable reply: {delivery.problem}"))
         else:
-            err = reply.error
-            call.deferred.errback(self.errors.rebuild(
-                err["type"], err["message"], err["args"], err["traceback"]))
+            settle(call.deferred, self.serializer, self.errors, delivery.body)
+
+
+def settle(d: Deferred[Any], serializer: Serializer, errors: RemoteErrorRegistry,
+           body: bytes) -> None:
+    """Fire *d* from a reply body: the result, or the rebuilt remote exception."""
+    try:
+        reply = _wire.decode_reply(serializer, body)
+    except InvalidRequest as e:
+        d.errback(e)
+        return
+    if reply.ok:
+        d.callback(reply.value)
+    else:
+        err = reply.error
+        d.errback(errors.rebuild(err["type"], err["message"], err["args"], err["traceback"]))
+
+
+class Invoker(Protocol):
+    """What :class:`ServerProxy` needs: anything with Proxy's ``invoke``."""
+
+    def invoke(self, server_id: str, method: str, args: Sequence[Any] = (),
+               kwargs: dict[str, Any] | None = None, *,
+               timeout: float | None = None) -> Deferred[Any]: ...
 
 
 class ServerProxy:
     """``proxy.use_server('foo')``: attribute access names remote functions."""
 
-    def __init__(self, proxy: Proxy, server_id: str, timeout: float | None) -> None:
+    def __init__(self, proxy: Invoker, server_id: str, timeout: float | None) -> None:
         self._proxy = proxy
         self._server_id = server_id
         self._timeout = timeout
@@ -254,7 +268,7 @@ class ServerProxy:
 
 
 class _RemoteMethod:
-    def __init__(self, proxy: Proxy, server_id: str, name: str, timeout: float | None) -> None:
+    def __init__(self, proxy: Invoker, server_id: str, name: str, timeout: float | None) -> None:
         self._proxy = proxy
         self._server_id = server_id
         self._name = name
