@@ -11,6 +11,7 @@ Table values follow RabbitMQ's 0-9-1 type letters (the errata to the spec).
 
 from __future__ import annotations
 
+import calendar
 import datetime
 import decimal
 import struct
@@ -98,15 +99,19 @@ def _encode_value(value: Any) -> bytes:
         scale = -int(exponent) if isinstance(exponent, int) and exponent < 0 else 0
         unscaled = int(value.scaleb(scale))
         return b"D" + _B.pack(scale) + _i.pack(unscaled)
-    if isinstance(value, datetime.datetime):
-        return b"T" + _Q.pack(int(value.timestamp()))
+    if isinstance(value, datetime.datetime):  # naive means UTC, as pamqp and pika read it
+        return b"T" + _Q.pack(calendar.timegm(value.utctimetuple()))
     raise TypeError(f"cannot encode {type(value).__name__} in an AMQP field table")
 
 
 def encode_table(table: dict[str, Any] | None) -> bytes:
+    """Encode a field table; raise TypeError/ValueError for what AMQP cannot carry."""
     if not table:
         return b"\x00\x00\x00\x00"
-    body = b"".join(encode_shortstr(k) + _encode_value(v) for k, v in table.items())
+    try:
+        body = b"".join(encode_shortstr(k) + _encode_value(v) for k, v in table.items())
+    except struct.error as e:
+        raise ValueError(f"value out of range for an AMQP field table: {e}") from None
     return _I.pack(len(body)) + body
 
 
@@ -366,7 +371,7 @@ def content_frames(
     )
     if not body:
         return head
-    chunk = frame_max - 8
+    chunk = frame_max - 8 if frame_max > 8 else len(body)  # frame_max 0: no limit
     if len(body) <= chunk:
         return head + frame(FRAME_BODY, channel, body)
     parts = [head]

@@ -72,8 +72,12 @@ class ConfirmedPublisher:
             self._waiting.append(message)
             self._ensure_channel()
             return
-        tag = channel.publish(message.exchange, message.routing_key, message.body,
-                              message.properties, message.mandatory)
+        try:
+            tag = channel.publish(message.exchange, message.routing_key, message.body,
+                                  message.properties, message.mandatory)
+        except Exception as e:  # a name over 255 bytes, a channel closed under us
+            message.done.errback(e)
+            return
         self._unconfirmed[tag] = message
 
     def _ensure_channel(self) -> None:

@@ -1,14 +1,20 @@
-"""A broker connection that comes back: Twisted's ClientService with the AMQP
-handshake and the owner's set-up (declares, consumers) as the preparation step.
+"""A broker connection that comes back.
+
+Connect (addresses in turn), log in, run the owner's set-up (declares,
+consumers); on failure or loss, retry with exponential backoff. This is a
+small loop of our own rather than Twisted's ``ClientService``: ClientService
+leaves a connection whose preparation failed open and then raises
+``NoTransition`` when it closes, and fails ``whenConnected`` waiters in the
+middle of a state change, so a waiter cannot stop the service from its errback.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -21,12 +27,18 @@ from txcallme.errors import CallmeError
 log = Logger(namespace="callme.connection")
 
 
+def backoff(attempt: int, initial: float = 0.5, maximum: float = 10.0) -> float:
+    """Seconds to wait before retry *attempt* (1-based), with 0-10% jitter."""
+    delay: float = min(initial * 2 ** (attempt - 1), maximum)
+    return delay * (1 + random.random() / 10)
+
+
 class Session:
     """Keeps one live, prepared :class:`Connection` to the broker.
 
-    *prepare* is called with each new connection (declare, consume); the
-    connection counts as ready when it succeeds. *lost* is called with an
-    error each time a ready connection drops.
+    *prepare* runs on each new connection (declare, consume); the connection
+    is ready when it succeeds. *lost* is called with an error each time a
+    ready connection drops.
     """
 
     def __init__(self, reactor: Any, params: ConnectionParams,
@@ -39,78 +51,110 @@ class Session:
         self._lost = lost
         self._name = name
         self._max_body_size = max_body_size
+        self._endpoint = BrokerEndpoint(reactor, params)
+        self._factory = ProtocolFactory(params, reactor)
         self.connection: Connection | None = None
         self.ever_connected = False
         self.last_error: Failure | None = None
-        self._endpoint = BrokerEndpoint(reactor, params)
-        self._service = ClientService(
-            self._endpoint,  # type: ignore[arg-type]  # zope @implementer
-            ProtocolFactory(params, reactor),
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0, factor=2.0),
-            clock=reactor, prepareConnection=self._prepare_protocol,
-        )
-        self._service._log = Logger(namespace="callme.connection")
+        self.running = False
+        self._failures = 0
+        self._attempt: Deferred[Connection] | None = None
+        self._retry: Any = None
+        self._waiters: list[tuple[Deferred[Connection], bool]] = []
 
     def start(self) -> None:
-        self._service.startService()
-
-    def stop(self) -> Deferred[None]:
-        """Stop reconnecting and close the connection."""
-        connection, self.connection = self.connection, None
-        d: Deferred[Any] = Deferred.fromCoroutine(self._stop(connection))
-        return d
-
-    async def _stop(self, connection: Connection | None) -> None:
-        if connection is not None:
-            await connection.close()
-        await self._service.stopService()
+        if not self.running:
+            self.running = True
+            self._connect()
 
     def ready(self) -> Deferred[Connection]:
         """Fires with the ready connection.
 
-        Before the first successful connection, fails with the first
-        attempt's error (BrokerUnreachable, AuthenticationError, ...); after
-        it, waits through reconnections.
+        Before the first successful connection, fails with the first failed
+        attempt's error (BrokerUnreachable, AuthenticationError, AccessRefused,
+        ...); after it, waits through reconnections.
         """
         if self.connection is not None and not self.connection.lost:
             return succeed(self.connection)
-        if not self._service.running:
+        if not self.running:
             return fail(CallmeError(f"{self._name} is not running"))
-        failures = None if self.ever_connected else 1
-        d = self._service.whenConnected(failAfterFailures=failures)
-        return d.addCallback(lambda _: self._current())
+        d: Deferred[Connection] = Deferred()
+        self._waiters.append((d, not self.ever_connected))
+        return d
 
-    def _current(self) -> Connection:
-        if self.connection is None:
-            raise CallmeError(f"{self._name}: the broker connection dropped again")
-        return self.connection
+    def stop(self) -> Deferred[None]:
+        """Stop reconnecting and close the connection; fires when closed."""
+        self.running = False
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._attempt is not None:
+            self._attempt.cancel()
+        waiters, self._waiters = self._waiters, []
+        for d, _ in waiters:
+            d.errback(CallmeError(f"{self._name} was stopped"))
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            return connection.close()
+        return succeed(None)
 
-    def _prepare_protocol(self, proto: Any) -> Deferred[Any]:
+    # -- the loop ------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._retry = None
+        self._attempt = Deferred.fromCoroutine(self._try_once())
+        self._attempt.addCallbacks(self._connected, self._failed)
+
+    async def _try_once(self) -> Connection:
+        proto = await self._endpoint.connect(self._factory)
         proto.transport.addr_for_errors = self._endpoint.last_address
         proto.max_body_size = self._max_body_size
+        try:
+            connection = await handshake(proto)
+            await self._prepare(connection)
+        except BaseException:
+            proto.transport.abortConnection()
+            raise
+        return connection
 
-        async def run() -> None:
-            try:
-                connection = await handshake(proto)
-                await self._prepare(connection)
-            except Exception as e:
-                self.last_error = Failure(e)
-                log.error("{name}: cannot connect to {broker}: {error}", name=self._name,
-                          broker=self._params.describe(), error=e)
-                raise
-            self.connection = connection
-            self.ever_connected = True
-            self.last_error = None
-            proto.on_lost.append(lambda error: self._connection_lost(connection, error))
-            log.info("{name}: connected to {broker}", name=self._name,
-                     broker=self._params.describe())
+    def _connected(self, connection: Connection) -> None:
+        self._attempt = None
+        if not self.running:
+            connection.close()
+            return
+        self._failures = 0
+        self.connection = connection
+        self.ever_connected = True
+        self.last_error = None
+        connection.protocol.on_lost.append(lambda e: self._connection_lost(connection, e))
+        log.info("{name}: connected to {broker}", name=self._name,
+                 broker=self._params.describe())
+        waiters, self._waiters = self._waiters, []
+        for d, _ in waiters:
+            d.callback(connection)
 
-        return Deferred.fromCoroutine(run())
+    def _failed(self, reason: Failure) -> None:
+        self._attempt = None
+        if not self.running and reason.check(CancelledError):
+            return
+        self.last_error = reason
+        self._failures += 1
+        delay = backoff(self._failures)
+        log.error("{name}: cannot connect to {broker}: {error}; retrying in {delay:.1f} s",
+                  name=self._name, broker=self._params.describe(), error=reason.value,
+                  delay=delay)
+        if self.running:
+            self._retry = self._reactor.callLater(delay, self._connect)
+        failing = [d for d, fail_fast in self._waiters if fail_fast]
+        self._waiters = [(d, ff) for d, ff in self._waiters if not ff]
+        for d in failing:
+            d.errback(reason)
 
     def _connection_lost(self, connection: Connection, error: CallmeError) -> None:
-        if self.connection is connection:
-            self.connection = None
-            if self._service.running:
-                log.warn("{name}: lost the broker connection; reconnecting", name=self._name)
-            self._lost(error)
-
+        if self.connection is not connection:
+            return
+        self.connection = None
+        if self.running:
+            log.warn("{name}: lost the broker connection; reconnecting", name=self._name)
+            self._retry = self._reactor.callLater(backoff(1, initial=0.1), self._connect)
+        self._lost(error)

@@ -20,6 +20,7 @@ import traceback as tb
 from typing import Any
 
 import attrs
+from twisted.python.reflect import safe_str
 
 from txcallme.errors import InvalidRequest, SerializationError, qualified_name
 from txcallme.serializers import Serializer
@@ -48,8 +49,10 @@ def check_server_id(server_id: str) -> str:
     """Refuse server ids that cannot make valid, unambiguous AMQP names."""
     if not isinstance(server_id, str) or not server_id:
         raise ValueError("server_id must be a non-empty string")
-    if len(server_id) > 200 or any(c.isspace() for c in server_id):
-        raise ValueError(f"server_id must be at most 200 characters, no spaces: {server_id!r}")
+    if len(server_queue(server_id).encode("utf-8")) > 255 or any(
+            c.isspace() for c in server_id):
+        raise ValueError("server_id must be at most 242 bytes (UTF-8), without white "
+                         f"space: {server_id!r}")
     return server_id
 
 
@@ -110,7 +113,7 @@ def error_description(exc: BaseException, with_traceback: bool = True) -> dict[s
         else:
             args.append(repr(arg))
     text = "".join(tb.format_exception(exc)) if with_traceback else ""
-    return {"type": qualified_name(type(exc)), "message": str(exc), "args": args,
+    return {"type": qualified_name(type(exc)), "message": safe_str(exc), "args": args,
             "traceback": text}
 
 

@@ -127,13 +127,24 @@ class Dispatcher:
         assert exc is not None
         log.info("{method} raised {type}: {exc}", method=method, type=type(exc).__name__,
                  exc=exc)
-        description = error_description(exc, with_traceback=False)
-        description["traceback"] = failure.getTraceback()
         try:
+            description = error_description(exc, with_traceback=False)
+            description["traceback"] = failure.getTraceback()
             return encode_error(self.serializer, description)
-        except SerializationError:
-            description["args"] = [repr(a) for a in description["args"]]
+        except Exception:
+            pass
+        try:  # something in it does not encode (lone surrogates, NaN args...)
+            description = {
+                "type": description["type"],
+                "message": ascii(description["message"]),
+                "args": [ascii(a) for a in description["args"]],
+                "traceback": failure.getTraceback().encode("utf-8", "backslashreplace")
+                .decode("ascii", "replace"),
+            }
             return encode_error(self.serializer, description)
+        except Exception:
+            error = SerializationError(f"{method}() raised an exception that cannot be encoded")
+            return encode_error(self.serializer, error_description(error, False))
 
     def _error(self, exc: Exception) -> Deferred[bytes]:
         body = encode_error(self.serializer, error_description(exc, with_traceback=False))
