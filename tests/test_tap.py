@@ -1,0 +1,218 @@
+"""Unit tests for ``txcallme.tap``: twistd options and makeService (no broker)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from twisted.python.usage import UsageError
+
+from txcallme._wire import RESERVED_PREFIX
+from txcallme.service import CallmeServerService
+from txcallme.tap import Options, makeService
+
+ModuleWriter = Callable[[str], str]
+
+ADD = """
+def add(a, b):
+    return a + b
+"""
+
+
+def write_module(directory: Path, source: str, created: list[str]) -> str:
+    name = f"tapmod_{uuid.uuid4().hex[:10]}"
+    (directory / f"{name}.py").write_text(textwrap.dedent(source))
+    importlib.invalidate_caches()
+    created.append(name)
+    return name
+
+
+@pytest.fixture
+def module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleWriter]:
+    """Writes a uniquely named, importable module into tmp_path; returns its name."""
+    monkeypatch.delenv("CALLME_AMQP_URL", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    created: list[str] = []
+    yield lambda source: write_module(tmp_path, source, created)
+    for name in created:
+        sys.modules.pop(name, None)
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_server_id_required(module: ModuleWriter) -> None:
+    """Without --server-id, parsing fails with a UsageError naming the option."""
+    with pytest.raises(UsageError, match="--server-id"):
+        parse("--module", module(ADD))
+
+
+def test_module_required() -> None:
+    """Without --module, parsing fails with a UsageError naming the option."""
+    with pytest.raises(UsageError, match="--module"):
+        parse("--server-id", "foo")
+
+
+def test_module_not_importable() -> None:
+    """A module that cannot be imported is a UsageError naming it."""
+    with pytest.raises(UsageError, match="cannot import module 'no_such_module_xyz'"):
+        parse("--server-id", "foo", "--module", "no_such_module_xyz")
+
+
+def test_module_raising_at_import(module: ModuleWriter) -> None:
+    """A module whose import raises is a UsageError with the module and the error."""
+    name = module("raise RuntimeError('broken at import')\n")
+    with pytest.raises(UsageError, match=f"{name}.*RuntimeError: broken at import"):
+        parse("--server-id", "foo", "--module", name)
+
+
+def test_module_with_nothing_to_expose(module: ModuleWriter) -> None:
+    """A module without public functions is a UsageError."""
+    name = module("VALUE = 1\n\ndef _private():\n    pass\n")
+    with pytest.raises(UsageError, match=f"{name}.*exposes no functions"):
+        parse("--server-id", "foo", "--module", name)
+
+
+def test_all_is_honoured(module: ModuleWriter) -> None:
+    """With __all__, exactly the listed names are exposed."""
+    name = module(ADD + """
+__all__ = ["add", "Multiplier"]
+
+def sub(a, b):
+    return a - b
+
+class Multiplier:
+    def __call__(self, a, b):
+        return a * b
+""")
+    options = parse("--server-id", "foo", "--module", name)
+    assert sorted(options["functions"]) == ["Multiplier", "add"]
+
+
+def test_all_naming_a_non_callable(module: ModuleWriter) -> None:
+    """A non-callable name in __all__ is a UsageError naming it."""
+    name = module(ADD + '\n__all__ = ["add", "LIMIT"]\nLIMIT = 10\n')
+    with pytest.raises(UsageError, match="'LIMIT', which is not callable"):
+        parse("--server-id", "foo", "--module", name)
+
+
+def test_public_functions_without_all(module: ModuleWriter) -> None:
+    """Without __all__, public functions defined in the module are exposed, and
+    neither imported functions nor _private ones (nor classes) are."""
+    name = module(ADD + """
+from os.path import join
+from textwrap import dedent as unindent
+
+def _helper():
+    pass
+
+class Thing:
+    pass
+""")
+    options = parse("--server-id", "foo", "--module", name)
+    assert sorted(options["functions"]) == ["add"]
+
+
+def test_module_in_current_directory(tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module in the current directory imports, as with ``python -m``."""
+    monkeypatch.delenv("CALLME_AMQP_URL", raising=False)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != ""])
+    monkeypatch.chdir(tmp_path)
+    created: list[str] = []
+    name = write_module(tmp_path, ADD, created)
+    try:
+        options = parse("--server-id", "foo", "--module", name)
+    finally:
+        sys.modules.pop(name, None)
+    assert list(options["functions"]) == ["add"]
+    assert options["functions"]["add"](1, 1) == 2
+
+
+def test_amqp_url(module: ModuleWriter) -> None:
+    """--amqp-url sets host, port, user, password and vhost."""
+    options = parse("--server-id", "foo", "--module", module(ADD),
+                    "--amqp-url", "amqp://bob:secret@broker.example:5673/prod")
+    params = options["params"]
+    assert params.hosts == (("broker.example", 5673),)
+    assert (params.user, params.password, params.vhost) == ("bob", "secret", "prod")
+
+
+def test_amqp_url_from_environment(module: ModuleWriter,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --amqp-url, CALLME_AMQP_URL gives the broker."""
+    monkeypatch.setenv("CALLME_AMQP_URL", "amqp://eve:pw@env.example:5674/%2Fstaging")
+    params = parse("--server-id", "foo", "--module", module(ADD))["params"]
+    assert params.hosts == (("env.example", 5674),)
+    assert (params.user, params.vhost) == ("eve", "/staging")
+
+
+def test_amqp_url_option_wins_over_environment(module: ModuleWriter,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """--amqp-url takes precedence over CALLME_AMQP_URL."""
+    monkeypatch.setenv("CALLME_AMQP_URL", "amqp://eve:pw@env.example:5674/")
+    params = parse("--server-id", "foo", "--module", module(ADD),
+                   "--amqp-url", "amqp://bob:pw@cli.example/")["params"]
+    assert params.host == "cli.example"
+
+
+def test_default_broker(module: ModuleWriter) -> None:
+    """With no URL at all, the broker is guest@localhost:5672 on vhost /."""
+    params = parse("--server-id", "foo", "--module", module(ADD))["params"]
+    assert params.hosts == (("localhost", 5672),)
+    assert (params.user, params.vhost) == ("guest", "/")
+
+
+def test_bad_amqp_url(module: ModuleWriter) -> None:
+    """A URL that is not amqp:// or amqps:// is a UsageError."""
+    with pytest.raises(UsageError, match="not an AMQP URL"):
+        parse("--server-id", "foo", "--module", module(ADD), "--amqp-url", "http://x/")
+
+
+def test_negative_threads(module: ModuleWriter) -> None:
+    """--threads below 0 is a UsageError."""
+    with pytest.raises(UsageError):
+        parse("--server-id", "foo", "--module", module(ADD), "--threads", "-1")
+
+
+def test_threads_zero_runs_on_reactor(module: ModuleWriter) -> None:
+    """--threads 0 gives a service without threading."""
+    service = makeService(parse("--server-id", "foo", "--module", module(ADD),
+                                "--threads", "0"))
+    assert service.threading is False
+
+
+def test_threads_four(module: ModuleWriter) -> None:
+    """--threads 4 gives a threading service with 4 threads."""
+    service = makeService(parse("--server-id", "foo", "--module", module(ADD),
+                                "--threads", "4"))
+    assert service.threading is True
+    assert service.threads == 4
+
+
+def test_make_service(module: ModuleWriter) -> None:
+    """makeService returns a CallmeServerService serving the module's functions."""
+    name = module(ADD + "\ndef mul(a, b):\n    return a * b\n")
+    service = makeService(parse("--server-id", "calc", "--module", name))
+    assert isinstance(service, CallmeServerService)
+    assert service.server_id == "calc"
+    exposed = [n for n in service.dispatcher.handlers if not n.startswith(RESERVED_PREFIX)]
+    assert sorted(exposed) == ["add", "mul"]
+    assert service.dispatcher.handlers["add"].func(2, 3) == 5
+    assert not service.running
+
+
+def test_plugin_points_at_tap() -> None:
+    """The twistd plugin is named callme and loads txcallme.tap lazily."""
+    from twisted.plugins.callme_plugin import callme
+
+    assert callme.tapname == "callme"
+    assert callme.module == "txcallme.tap"

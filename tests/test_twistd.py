@@ -1,0 +1,253 @@
+"""``twistd callme`` end to end: plugin listing, foreground, daemon, graceful stop.
+
+Each twistd runs as a subprocess against the real broker; the Proxy parts are
+pytest-twisted tests that never block the reactor (they poll with deferLater).
+Every process started here is killed at teardown if it is still alive.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from conftest import BROKER_HOST, BROKER_PORT, broker_connect, new_server_id, sleep
+from twisted.internet.defer import Deferred
+
+from txcallme import NotFound, RpcTimeout, ServerUnavailable
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TWISTD = Path(sys.executable).with_name("twistd")
+BROKER_URL = f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/%2F"
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+
+
+def pid_alive(pid: int) -> bool:
+    """True while *pid* runs (a zombie, not reaped by a lazy init, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Processes:
+    """twistd processes (children or daemons) killed at teardown if alive."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.pidfiles: list[Path] = []
+
+    def twistd(self, *args: str, cwd: Path = EXAMPLES, log: str = "twistd.log",
+               ) -> tuple[subprocess.Popen[bytes], Path]:
+        """Start ``twistd ARGS``; its stdout and stderr go to a file in tmp_path."""
+        log_path = self.tmp_path / log
+        env = dict(os.environ, CALLME_AMQP_URL=BROKER_URL)
+        with log_path.open("wb") as out:
+            process = subprocess.Popen([str(TWISTD), *args], cwd=cwd, env=env, stdout=out,
+                                       stderr=subprocess.STDOUT)
+        self.children.append(process)
+        return process, log_path
+
+    def kill_all(self) -> None:
+        for process in self.children:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for pidfile in self.pidfiles:
+            try:
+                pid = int(pidfile.read_text())
+            except (OSError, ValueError):
+                continue
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """A :class:`Processes`; everything it started is killed at teardown."""
+    helper = Processes(tmp_path)
+    try:
+        yield helper
+    finally:
+        helper.kill_all()
+
+
+async def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    """Poll *predicate* every 0.1 s on the reactor; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await sleep(0.1)
+
+
+async def call_when_serving(proxy: Any, server_id: str, method: str, *args: Any,
+                            alive: Any = lambda: True) -> Any:
+    """Call until the server answers (it may not be consuming yet)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        assert alive(), "twistd died before serving"
+        try:
+            return await proxy.invoke(server_id, method, args, timeout=2)
+        except (ServerUnavailable, RpcTimeout):
+            if time.monotonic() > deadline:
+                raise
+            await sleep(0.2)
+
+
+async def queue_exists(name: str) -> bool:
+    """Whether the broker has queue *name* (passive declare)."""
+    connection = await broker_connect()
+    try:
+        channel = await connection.open_channel()
+        try:
+            await channel.declare_queue(name, passive=True)
+        except NotFound:
+            return False
+        await channel.close()
+        return True
+    finally:
+        await connection.close()
+
+
+def stopped_by_sigterm(status: int | None) -> bool:
+    """twistd re-raises SIGTERM after a clean shutdown (see NOTES-amqp.md)."""
+    return status in (0, -signal.SIGTERM)
+
+
+def test_help_lists_callme() -> None:
+    """``twistd --help`` lists the callme plugin."""
+    result = subprocess.run([str(TWISTD), "--help"], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    commands = [line.split()[0] for line in result.stdout.splitlines()
+                if line.startswith("    ") and line.split()]
+    assert "callme" in commands, result.stdout
+
+
+def test_callme_help() -> None:
+    """``twistd callme --help`` documents the required options."""
+    result = subprocess.run([str(TWISTD), "callme", "--help"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "--server-id" in result.stdout
+    assert "--module" in result.stdout
+
+
+def test_usage_error_exits_non_zero(tmp_path: Path) -> None:
+    """A bad --module makes twistd exit non-zero and name the module."""
+    result = subprocess.run(
+        [str(TWISTD), "--pidfile=", "-n", "callme", "--server-id", "x", "--module",
+         "no_such_module_xyz"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "no_such_module_xyz" in result.stdout + result.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_foreground(processes: Processes, services: Any) -> None:
+    """``twistd -n callme --module app`` serves add(1, 1); SIGTERM stops it and
+    its queue goes away."""
+    server_id = new_server_id()
+    process, log = processes.twistd("--pidfile=", "-n", "callme", "--server-id", server_id,
+                                    "--module", "app")
+    proxy = services.proxy()
+    result = await call_when_serving(proxy, server_id, "add", 1, 1,
+                                     alive=lambda: process.poll() is None)
+    assert result == 2
+    process.send_signal(signal.SIGTERM)
+    await wait_for(lambda: process.poll() is not None, STOP_TIMEOUT, "twistd to exit")
+    assert stopped_by_sigterm(process.returncode), log.read_text()
+    assert "serving" in log.read_text()
+    assert not await queue_exists(f"server_{server_id}_queue")
+    with pytest.raises(ServerUnavailable):
+        await proxy.call(server_id, "add", 1, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_daemon(processes: Processes, services: Any, tmp_path: Path) -> None:
+    """Daemonized twistd writes its pidfile and logfile, serves, and
+    ``kill -TERM $(cat pidfile)`` stops it and removes the pidfile."""
+    server_id = new_server_id()
+    pidfile = tmp_path / "callme.pid"
+    logfile = tmp_path / "callme.log"
+    processes.pidfiles.append(pidfile)
+    launcher, out = processes.twistd("--pidfile", str(pidfile), "--logfile", str(logfile),
+                                     "callme", "--server-id", server_id, "--module", "app")
+    await wait_for(lambda: launcher.poll() is not None, START_TIMEOUT, "twistd to daemonize")
+    assert launcher.returncode == 0, out.read_text()
+    await wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), START_TIMEOUT,
+                   "the pidfile")
+    pid = int(pidfile.read_text())
+    assert pid != launcher.pid
+    proxy = services.proxy()
+    assert await call_when_serving(proxy, server_id, "add", 1, 1,
+                                   alive=lambda: pid_alive(pid)) == 2
+    assert "serving" in logfile.read_text()
+    kill = subprocess.run(["sh", "-c", f"kill -TERM $(cat '{pidfile}')"], timeout=10)
+    assert kill.returncode == 0
+    await wait_for(lambda: not pid_alive(pid), STOP_TIMEOUT, f"pid {pid} to exit")
+    assert not pidfile.exists()
+    assert "Server Shut Down" in logfile.read_text()
+
+
+SLOW_MODULE = """
+import time
+from pathlib import Path
+
+def add(a, b):
+    return a + b
+
+def slow(seconds, marker):
+    Path(marker).touch()
+    time.sleep(seconds)
+    return f"slept {seconds}"
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_waits_for_running_call(processes: Processes, services: Any,
+                                              tmp_path: Path) -> None:
+    """SIGTERM during a slow threaded call: the call still gets its answer, then
+    twistd exits."""
+    server_id = new_server_id()
+    (tmp_path / "slowmod.py").write_text(textwrap.dedent(SLOW_MODULE))
+    marker = tmp_path / "started"
+    process, log = processes.twistd("--pidfile=", "-n", "callme", "--server-id", server_id,
+                                    "--module", "slowmod", "--threads", "2", cwd=tmp_path)
+    proxy = services.proxy(timeout=15)
+    assert await call_when_serving(proxy, server_id, "add", 1, 1,
+                                   alive=lambda: process.poll() is None) == 2
+    answered: list[float] = []
+    call = proxy.call(server_id, "slow", 2, str(marker))
+    call.addCallback(lambda result: answered.append(time.monotonic()) or result)
+    await wait_for(marker.exists, 10, "the slow call to start")
+    process.send_signal(signal.SIGTERM)
+    exited: list[float] = []
+
+    def gone() -> bool:
+        if process.poll() is None:
+            return False
+        exited.append(time.monotonic())
+        return True
+
+    watching = Deferred.fromCoroutine(wait_for(gone, STOP_TIMEOUT, "twistd to exit"))
+    assert await call == "slept 2"
+    await watching
+    assert stopped_by_sigterm(process.returncode), log.read_text()
+    assert answered[0] <= exited[0]
+    assert "waiting for 1 running calls to finish" in log.read_text()
