@@ -14,7 +14,7 @@ venv: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e '.[test,dev]' --config-settings editable_mode=compat
+	$(BIN)/pip install -e '.[test,dev,bench]' --config-settings editable_mode=compat
 	touch $@
 
 rabbitmq:
