@@ -16,7 +16,7 @@ from pamqp import encode as pencode
 from pamqp import frame as pframe
 from pamqp import header as pheader
 
-from txcallme import _codec
+from txcallme import _codec, _frames
 from txcallme._amqp import load_spec
 from txcallme._codec import DecodeError
 
@@ -435,20 +435,20 @@ def test_content_header_decodes(props_fields: Any) -> None:
     payload = struct.pack(">HHQ", 60, 0, 12345) + _codec.encode_properties(
         props_fields, {"correlation_id": "c"}
     )
-    assert _codec.decode_content_header(payload, props_fields) == (
+    assert _frames.decode_content_header(payload, props_fields) == (
         60,
         12345,
         {"correlation_id": "c"},
     )
-    assert _codec.decode_content_header_size(payload) == (60, 12345)
+    assert _frames.decode_content_header_size(payload) == (60, 12345)
 
 
 def test_content_header_size_survives_bad_properties(props_fields: Any) -> None:
     """The body size is readable even when the properties are garbage."""
     payload = struct.pack(">HHQ", 60, 0, 7) + b"\xff\xff"
     with pytest.raises(DecodeError):
-        _codec.decode_content_header(payload, props_fields)
-    assert _codec.decode_content_header_size(payload) == (60, 7)
+        _frames.decode_content_header(payload, props_fields)
+    assert _frames.decode_content_header_size(payload) == (60, 7)
 
 
 # --- frames -----------------------------------------------------------------------------
@@ -456,18 +456,18 @@ def test_content_header_size_survives_bad_properties(props_fields: Any) -> None:
 
 def test_frame_layout() -> None:
     """A frame is type, channel, size, payload and the 0xCE end octet."""
-    assert _codec.frame(3, 5, b"ab") == b"\x03\x00\x05\x00\x00\x00\x02ab\xce"
+    assert _frames.frame(3, 5, b"ab") == b"\x03\x00\x05\x00\x00\x00\x02ab\xce"
 
 
 def test_content_frames_split_large_body() -> None:
     """A body larger than frame_max goes out as several body frames that join back to it."""
     frame_max = 4096
     body = bytes(range(256)) * 40  # 10240 bytes: three body frames
-    data = _codec.content_frames(7, 60, body, b"\x00\x00", frame_max)
+    data = _frames.content_frames(7, 60, body, b"\x00\x00", frame_max)
     frames = []
     pos = 0
     while pos < len(data):
-        found = _codec.split_frame(data, pos)
+        found = _frames.split_frame(data, pos)
         assert found is not None
         kind, channel, start, end = found
         assert channel == 7
@@ -475,7 +475,7 @@ def test_content_frames_split_large_body() -> None:
         frames.append((kind, data[start:end]))
         pos = end + 1
     assert [kind for kind, _ in frames] == [2, 3, 3, 3]
-    assert _codec.decode_content_header_size(frames[0][1]) == (60, len(body))
+    assert _frames.decode_content_header_size(frames[0][1]) == (60, len(body))
     assert len(frames[1][1]) == frame_max - 8
     assert b"".join(payload for _, payload in frames[1:]) == body
 
@@ -483,7 +483,7 @@ def test_content_frames_split_large_body() -> None:
 @pytest.mark.parametrize("size", [0, 1, 4088, 4089])
 def test_content_frames_boundaries(size: int) -> None:
     """No body frame for an empty body; one frame up to frame_max - 8 bytes, then two."""
-    data = _codec.content_frames(1, 60, b"x" * size, b"\x00\x00", 4096)
+    data = _frames.content_frames(1, 60, b"x" * size, b"\x00\x00", 4096)
     header_len = 7 + 14 + 1
     expected_frames = 0 if size == 0 else (1 if size <= 4088 else 2)
     assert len(data) == header_len + size + 8 * expected_frames
@@ -493,43 +493,43 @@ def test_content_frames_never_drop_the_body_when_frame_max_is_zero() -> None:
     """frame_max 0 ("no limit" in AMQP) either sends the body or is refused, never drops it."""
     body = b"abc"
     try:
-        data = _codec.content_frames(1, 60, body, b"\x00\x00", 0)
+        data = _frames.content_frames(1, 60, body, b"\x00\x00", 0)
     except ValueError:
         return
-    head = _codec.split_frame(data, 0)
+    head = _frames.split_frame(data, 0)
     assert head is not None
     rest = data[head[3] + 1 :]
-    assert rest == _codec.frame(3, 1, body)
+    assert rest == _frames.frame(3, 1, body)
 
 
 def test_split_frame_partial_input_returns_none() -> None:
     """split_frame waits for a whole frame: every proper prefix gives None."""
-    whole = _codec.frame(1, 2, b"payload")
+    whole = _frames.frame(1, 2, b"payload")
     for cut in range(len(whole)):
-        assert _codec.split_frame(whole[:cut], 0) is None
-    assert _codec.split_frame(whole, 0) == (1, 2, 7, 7 + len(b"payload"))
+        assert _frames.split_frame(whole[:cut], 0) is None
+    assert _frames.split_frame(whole, 0) == (1, 2, 7, 7 + len(b"payload"))
 
 
 def test_split_frame_at_offset_in_bytearray() -> None:
     """split_frame reads a frame at any position of a bytearray buffer."""
-    first = _codec.frame(8, 0, b"")
-    buffer = bytearray(first + _codec.frame(3, 9, b"abc"))
-    assert _codec.split_frame(buffer, 0) == (8, 0, 7, 7)
-    assert _codec.split_frame(buffer, len(first)) == (3, 9, len(first) + 7, len(first) + 10)
+    first = _frames.frame(8, 0, b"")
+    buffer = bytearray(first + _frames.frame(3, 9, b"abc"))
+    assert _frames.split_frame(buffer, 0) == (8, 0, 7, 7)
+    assert _frames.split_frame(buffer, len(first)) == (3, 9, len(first) + 7, len(first) + 10)
 
 
 def test_split_frame_bad_end_octet_raises_decode_error() -> None:
     """A frame whose end octet is not 0xCE is a DecodeError."""
-    bad = _codec.frame(1, 0, b"abc")[:-1] + b"\x00"
+    bad = _frames.frame(1, 0, b"abc")[:-1] + b"\x00"
     with pytest.raises(DecodeError):
-        _codec.split_frame(bad, 0)
+        _frames.split_frame(bad, 0)
 
 
 def test_decode_method_head() -> None:
     """decode_method_head returns (class id, method id) and refuses short payloads."""
-    assert _codec.decode_method_head(b"\x00\x3c\x00\x28rest") == (60, 40)
+    assert _frames.decode_method_head(b"\x00\x3c\x00\x28rest") == (60, 40)
     with pytest.raises(DecodeError):
-        _codec.decode_method_head(b"\x00\x3c\x00")
+        _frames.decode_method_head(b"\x00\x3c\x00")
 
 
 # --- the bytes on the wire, pinned against pamqp -----------------------------------------
@@ -537,7 +537,7 @@ def test_decode_method_head() -> None:
 
 def test_basic_publish_frame_matches_pamqp() -> None:
     """basic.publish with mandatory set is byte-for-byte what pamqp sends."""
-    ours = _codec.method_frame(
+    ours = _frames.method_frame(
         1, 60, 40, _codec.encode_arguments(PUBLISH, [0, "x", "k", True, False])
     )
     theirs = pframe.marshal(
@@ -548,7 +548,7 @@ def test_basic_publish_frame_matches_pamqp() -> None:
 
 def test_basic_publish_immediate_bit_matches_pamqp() -> None:
     """The second publish bit (immediate) lands in the same octet as pamqp puts it."""
-    ours = _codec.method_frame(
+    ours = _frames.method_frame(
         2, 60, 40, _codec.encode_arguments(PUBLISH, [0, "", "rk", False, True])
     )
     theirs = pframe.marshal(commands.Basic.Publish(routing_key="rk", immediate=True), 2)
@@ -558,7 +558,7 @@ def test_basic_publish_immediate_bit_matches_pamqp() -> None:
 @pytest.mark.parametrize("multiple", [False, True])
 def test_basic_ack_frame_matches_pamqp(multiple: bool) -> None:
     """basic.ack is byte-for-byte what pamqp sends."""
-    ours = _codec.method_frame(3, 60, 80, _codec.encode_arguments(ACK, [2**40 + 1, multiple]))
+    ours = _frames.method_frame(3, 60, 80, _codec.encode_arguments(ACK, [2**40 + 1, multiple]))
     theirs = pframe.marshal(commands.Basic.Ack(delivery_tag=2**40 + 1, multiple=multiple), 3)
     assert ours == theirs
 
@@ -567,7 +567,7 @@ def test_basic_consume_frame_matches_pamqp() -> None:
     """basic.consume, with four bits in a row and an arguments table, matches pamqp."""
     types = ("short", "shortstr", "shortstr", "bit", "bit", "bit", "bit", "table")
     args = [0, "q", "ctag", False, True, True, False, {"x-priority": "high"}]
-    ours = _codec.method_frame(4, 60, 20, _codec.encode_arguments(types, args))
+    ours = _frames.method_frame(4, 60, 20, _codec.encode_arguments(types, args))
     theirs = pframe.marshal(
         commands.Basic.Consume(
             queue="q",
@@ -599,7 +599,7 @@ def test_content_header_matches_pamqp(props_fields: Any) -> None:
         "user_id": "guest",
         "app_id": "app",
     }
-    ours = _codec.frame(
+    ours = _frames.frame(
         2,
         5,
         struct.pack(">HHQ", 60, 0, body_size) + _codec.encode_properties(props_fields, ours_props),
@@ -625,7 +625,7 @@ def test_content_header_matches_pamqp(props_fields: Any) -> None:
 def test_content_frames_match_pamqp(props_fields: Any) -> None:
     """Header plus body frames for a small body match pamqp's header and body frames."""
     body = b"hello \xe2\x98\x83"
-    ours = _codec.content_frames(
+    ours = _frames.content_frames(
         1, 60, body, _codec.encode_properties(props_fields, {"reply_to": "r"}), 131072
     )
     theirs = pframe.marshal(
@@ -646,10 +646,10 @@ def test_decode_pamqp_basic_deliver() -> None:
         ),
         6,
     )
-    kind, channel, start, end = _codec.split_frame(data, 0) or (0, 0, 0, 0)
+    kind, channel, start, end = _frames.split_frame(data, 0) or (0, 0, 0, 0)
     assert (kind, channel, end + 1) == (1, 6, len(data))
     payload = data[start:end]
-    assert _codec.decode_method_head(payload) == (60, 60)
+    assert _frames.decode_method_head(payload) == (60, 60)
     assert _codec.decode_arguments(DELIVER, payload, 4) == ("ctag", 2**33, True, "ex", "rk")
 
 
@@ -669,9 +669,9 @@ def test_decode_pamqp_content_header(props_fields: Any) -> None:
         ),
         1,
     )
-    found = _codec.split_frame(data, 0)
+    found = _frames.split_frame(data, 0)
     assert found is not None
-    class_id, size, props = _codec.decode_content_header(data[found[2] : found[3]], props_fields)
+    class_id, size, props = _frames.decode_content_header(data[found[2] : found[3]], props_fields)
     assert (class_id, size) == (60, 42)
     assert props == {
         "content_type": "text/plain",

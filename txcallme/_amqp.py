@@ -22,22 +22,20 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txamqp import spec as txspec
-from txamqp.client import Closed, TwistedDelegate
+from txamqp.client import Closed as Closed  # re-exported for _handshake
+from txamqp.client import TwistedDelegate
 from txamqp.connection import Body, Frame, Header, Heartbeat, Method
 from txamqp.factory import AMQFactory
 from txamqp.message import Message
 from txamqp.protocol import AMQClient
 
-from txcallme import _codec
+from txcallme import _codec, _frames
 from txcallme._channel import Channel, Connection, Delivery, Returned
 from txcallme._params import ConnectionParams
 from txcallme._version import __version__
 from txcallme.errors import (
-    AuthenticationError,
     BrokerConnectionLost,
-    BrokerUnreachable,
     CallmeError,
-    TLSError,
     channel_error,
 )
 
@@ -153,7 +151,7 @@ class Protocol(AMQClient):
         pos = 0
         try:
             while True:
-                found = _codec.split_frame(buf, pos)
+                found = _frames.split_frame(buf, pos)
                 if found is None:
                     break
                 kind, channel, start, end = found
@@ -167,8 +165,8 @@ class Protocol(AMQClient):
         del buf[:pos]
 
     def _frame(self, kind: int, channel: int, payload: bytes) -> None:
-        if kind == _codec.FRAME_METHOD:
-            key = _codec.decode_method_head(payload)
+        if kind == _frames.FRAME_METHOD:
+            key = _frames.decode_method_head(payload)
             method, types = self.spec.txcallme_methods[key]
             args = _codec.decode_arguments(types, payload, 4)
             if method.content:
@@ -180,9 +178,9 @@ class Protocol(AMQClient):
             else:
                 self._channel_now(channel).dispatch(Frame(channel, Method(method, *args)),
                                                     self.work)
-        elif kind == _codec.FRAME_HEADER:
+        elif kind == _frames.FRAME_HEADER:
             self._header(channel, payload)
-        elif kind == _codec.FRAME_BODY:
+        elif kind == _frames.FRAME_BODY:
             partial = self._partial[channel]
             if partial[2] is not False:
                 partial[4].append(payload)
@@ -192,13 +190,13 @@ class Protocol(AMQClient):
 
     def _header(self, channel: int, payload: bytes) -> None:
         partial = self._partial[channel]
-        class_id, size = _codec.decode_content_header_size(payload)
+        class_id, size = _frames.decode_content_header_size(payload)
         partial[3] = size
         if self.max_body_size is not None and size > self.max_body_size:
             partial[2] = False  # too large: do not buffer the body
         else:
             try:
-                partial[2] = _codec.decode_content_header(payload, self.spec.txcallme_props)[2]
+                partial[2] = _frames.decode_content_header(payload, self.spec.txcallme_props)[2]
             except (_codec.DecodeError, KeyError, ValueError) as e:
                 partial[2] = e
         if size == 0:
@@ -237,16 +235,16 @@ class Protocol(AMQClient):
         if isinstance(payload, Method):
             method = payload.method
             args = _codec.encode_arguments(self.spec.txcallme_types[method], payload.args)
-            return _codec.method_frame(frame.channel, method.klass.id, method.id, args)
+            return _frames.method_frame(frame.channel, method.klass.id, method.id, args)
         if isinstance(payload, Header):
             props = _codec.encode_properties(self.spec.txcallme_raw_props, payload.properties)
-            return _codec.frame(_codec.FRAME_HEADER, frame.channel,
-                                _codec.CONTENT_HEAD.pack(payload.klass.id, 0, payload.size)
+            return _frames.frame(_frames.FRAME_HEADER, frame.channel,
+                                _frames.CONTENT_HEAD.pack(payload.klass.id, 0, payload.size)
                                 + props)
         if isinstance(payload, Body):
-            return _codec.frame(_codec.FRAME_BODY, frame.channel, payload.content)
+            return _frames.frame(_frames.FRAME_BODY, frame.channel, payload.content)
         if isinstance(payload, Heartbeat):
-            return _codec.frame(_codec.FRAME_HEARTBEAT, 0, b"")
+            return _frames.frame(_frames.FRAME_HEARTBEAT, 0, b"")
         raise TypeError(f"cannot encode {payload!r}")
 
     def send_frame(self, frame: Frame) -> None:
@@ -261,7 +259,7 @@ class Protocol(AMQClient):
     def start_heartbeat(self, interval: int) -> None:
         if interval <= 0:
             return
-        beat = _codec.frame(_codec.FRAME_HEARTBEAT, 0, b"")
+        beat = _frames.frame(_frames.FRAME_HEARTBEAT, 0, b"")
         send = LoopingCall(self.transport.write, beat)
         check = LoopingCall(self._check_heartbeat, interval)
         for loop, every in ((send, interval / 2.0), (check, interval)):
@@ -331,52 +329,13 @@ class ProtocolFactory(AMQFactory):
         return proto
 
 
-async def handshake(proto: Protocol, timeout_clock: Any = None) -> Connection:
-    """Log in and open the vhost; fail with a clear error if the broker refuses."""
-    params = proto.params
-    host, port = getattr(proto.transport, "addr_for_errors", params.hosts[0])
-    clock = timeout_clock or proto.clock
-    timer = clock.callLater(params.connect_timeout, proto.transport.abortConnection)
-    try:
-        try:
-            await proto.started.wait()
-        except Closed:
-            raise _login_error(proto, host, port) from None
-        channel0 = await proto.channel(0)
-        try:
-            await channel0.connection_open(params.vhost)
-        except Closed:
-            raise _login_error(proto, host, port) from None
-    finally:
-        if timer.active():
-            timer.cancel()
-    return Connection(proto, params)
-
-
-def _login_error(proto: Protocol, host: str, port: int) -> CallmeError:
-    params = proto.params
-    if proto.close_reason is not None:
-        code, text = proto.close_reason
-        if code in (403, 530):
-            return AuthenticationError(params.user, params.vhost, f"{code} {text}")
-        return BrokerConnectionLost(f"broker closed the connection: {code} {text}")
-    lost = proto.lost_reason
-    detail = lost.getErrorMessage() if lost is not None else "connection closed"
-    if lost is not None and "SSL" in type(lost.value).__name__ + repr(lost.value):
-        return TLSError(f"TLS handshake with {host}:{port} failed: {detail}")
-    if proto.login_sent:
-        return AuthenticationError(params.user, params.vhost,
-                                   f"connection closed during login ({detail})")
-    return BrokerUnreachable(host, port, f"no AMQP handshake: {detail}"
-                             + (" (is this a TLS port?)" if params.tls is None else ""))
-
-
 def connect(reactor: Any, params: ConnectionParams) -> Deferred[Connection]:
     """Connect once (no reconnection): fires with a :class:`Connection`.
 
     Fails with BrokerUnreachable, AuthenticationError or TLSError.
     """
     from txcallme._endpoint import BrokerEndpoint
+    from txcallme._handshake import handshake
 
     async def run() -> Connection:
         endpoint = BrokerEndpoint(reactor, params)

@@ -16,7 +16,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from txcallme import _codec
+from txcallme import _codec, _frames
 from txcallme.errors import BrokerConnectionLost, CallmeError, channel_error
 
 log = Logger(namespace="callme.connection")
@@ -167,8 +167,8 @@ class Channel:
         args = (b"\x00\x00" + _codec.encode_shortstr(exchange)
                 + _codec.encode_shortstr(routing_key) + (b"\x01" if mandatory else b"\x00"))
         props = _codec.encode_properties(self._proto.spec.txcallme_props, properties)
-        self._proto.write(_codec.method_frame(ch, 60, 40, args)
-                          + _codec.content_frames(ch, 60, body, props, self._proto.MAX_LENGTH))
+        self._proto.write(_frames.method_frame(ch, 60, 40, args)
+                          + _frames.content_frames(ch, 60, body, props, self._proto.MAX_LENGTH))
         if self.confirming:
             self._next_tag += 1
             return self._next_tag
@@ -176,13 +176,13 @@ class Channel:
 
     def ack(self, delivery_tag: int, multiple: bool = False) -> None:
         if not self.closed:
-            self._proto.write(_codec.method_frame(
+            self._proto.write(_frames.method_frame(
                 self.id, 60, 80,
                 _ACK_ARGS.pack(delivery_tag, 1 if multiple else 0)))
 
     def reject(self, delivery_tag: int, requeue: bool) -> None:
         if not self.closed:
-            self._proto.write(_codec.method_frame(
+            self._proto.write(_frames.method_frame(
                 self.id, 60, 90, _ACK_ARGS.pack(delivery_tag, 1 if requeue else 0)))
 
     # -- called by the protocol ------------------------------------------------

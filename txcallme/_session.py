@@ -18,9 +18,10 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txcallme._amqp import ProtocolFactory, handshake
+from txcallme._amqp import ProtocolFactory
 from txcallme._channel import Connection
 from txcallme._endpoint import BrokerEndpoint
+from txcallme._handshake import handshake
 from txcallme._params import ConnectionParams
 from txcallme.errors import CallmeError
 

@@ -1,0 +1,56 @@
+"""Logging in: the AMQP handshake on a fresh connection, and the broker's
+refusals turned into AuthenticationError, TLSError or BrokerUnreachable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from txcallme._amqp import Closed, Protocol
+from txcallme._channel import Connection
+from txcallme.errors import (
+    AuthenticationError,
+    BrokerConnectionLost,
+    BrokerUnreachable,
+    CallmeError,
+    TLSError,
+)
+
+
+async def handshake(proto: Protocol, timeout_clock: Any = None) -> Connection:
+    """Log in and open the vhost; fail with a clear error if the broker refuses."""
+    params = proto.params
+    host, port = getattr(proto.transport, "addr_for_errors", params.hosts[0])
+    clock = timeout_clock or proto.clock
+    timer = clock.callLater(params.connect_timeout, proto.transport.abortConnection)
+    try:
+        try:
+            await proto.started.wait()
+        except Closed:
+            raise _login_error(proto, host, port) from None
+        channel0 = await proto.channel(0)
+        try:
+            await channel0.connection_open(params.vhost)
+        except Closed:
+            raise _login_error(proto, host, port) from None
+    finally:
+        if timer.active():
+            timer.cancel()
+    return Connection(proto, params)
+
+
+def _login_error(proto: Protocol, host: str, port: int) -> CallmeError:
+    params = proto.params
+    if proto.close_reason is not None:
+        code, text = proto.close_reason
+        if code in (403, 530):
+            return AuthenticationError(params.user, params.vhost, f"{code} {text}")
+        return BrokerConnectionLost(f"broker closed the connection: {code} {text}")
+    lost = proto.lost_reason
+    detail = lost.getErrorMessage() if lost is not None else "connection closed"
+    if lost is not None and "SSL" in type(lost.value).__name__ + repr(lost.value):
+        return TLSError(f"TLS handshake with {host}:{port} failed: {detail}")
+    if proto.login_sent:
+        return AuthenticationError(params.user, params.vhost,
+                                   f"connection closed during login ({detail})")
+    return BrokerUnreachable(host, port, f"no AMQP handshake: {detail}"
+                             + (" (is this a TLS port?)" if params.tls is None else ""))
