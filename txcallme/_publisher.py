@@ -112,8 +112,12 @@ class ConfirmedPublisher:
             message.done.errback(reason)
 
     def _confirmed(self, tag: int, multiple: bool, ok: bool) -> None:
-        if multiple:
-            tags = [t for t in self._unconfirmed if t <= tag]
+        if multiple:  # tags are in ascending order: stop at the first one past *tag*
+            tags = []
+            for t in self._unconfirmed:
+                if t > tag:
+                    break
+                tags.append(t)
         else:
             tags = [tag] if tag in self._unconfirmed else []
         for t in tags:
