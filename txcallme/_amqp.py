@@ -120,6 +120,21 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+class _Partial:
+    """A content method whose header and body frames are still arriving."""
+
+    __slots__ = ("key", "args", "properties", "size", "chunks", "received", "problem")
+
+    def __init__(self, key: tuple[int, int], args: tuple[Any, ...]) -> None:
+        self.key = key
+        self.args = args
+        self.properties: dict[str, Any] = {}
+        self.size = 0
+        self.chunks: list[bytes] = []
+        self.received = 0
+        self.problem: str | None = None
+
+
 class Protocol(AMQClient):
     """txamqp's client with txcallme's frame pipeline."""
 
@@ -133,10 +148,20 @@ class Protocol(AMQClient):
         self.max_body_size: int | None = None
         self.on_lost: list[Any] = []
         self._buffer = bytearray()
-        self._partial: dict[int, list[Any]] = {}
+        self._partial: dict[int, _Partial] = {}
         self._last_received = clock.seconds()
         self._heartbeat_loops: list[LoopingCall] = []
         self.lost_reason: Failure | None = None
+
+    def connectionMade(self) -> None:  # noqa: N802
+        # Requests, replies and acks are small writes: do not let Nagle hold them.
+        transport = self.transport
+        while transport is not None:
+            if hasattr(transport, "setTcpNoDelay"):
+                transport.setTcpNoDelay(True)
+                break
+            transport = getattr(transport, "transport", None)
+        super().connectionMade()
 
     # -- incoming ------------------------------------------------------------
 
@@ -170,7 +195,7 @@ class Protocol(AMQClient):
             method, types = self.spec.txcallme_methods[key]
             args = _codec.decode_arguments(types, payload, 4)
             if method.content:
-                self._partial[channel] = [key, args, None, 0, [], 0]
+                self._partial[channel] = _Partial(key, args)
             elif key == _ACK or key == _NACK:
                 wrapper = self.wrappers.get(channel)
                 if wrapper is not None:
@@ -182,45 +207,42 @@ class Protocol(AMQClient):
             self._header(channel, payload)
         elif kind == _frames.FRAME_BODY:
             partial = self._partial[channel]
-            if partial[2] is not False:
-                partial[4].append(payload)
-            partial[5] += len(payload)
-            if partial[5] >= partial[3]:
+            if partial.problem is None:
+                partial.chunks.append(payload)
+            partial.received += len(payload)
+            if partial.received >= partial.size:
                 self._content_done(channel)
 
     def _header(self, channel: int, payload: bytes) -> None:
         partial = self._partial[channel]
-        class_id, size = _frames.decode_content_header_size(payload)
-        partial[3] = size
-        if self.max_body_size is not None and size > self.max_body_size:
-            partial[2] = False  # too large: do not buffer the body
-        else:
-            try:
-                partial[2] = _frames.decode_content_header(payload, self.spec.txcallme_props)[2]
-            except (_codec.DecodeError, KeyError, ValueError) as e:
-                partial[2] = e
-        if size == 0:
+        try:
+            _, partial.size, partial.properties = _frames.decode_content_header(
+                payload, self.spec.txcallme_props)
+        except (_codec.DecodeError, KeyError, ValueError) as e:
+            _, partial.size = _frames.decode_content_header_size(payload)
+            partial.problem = f"undecodable message properties: {e}"
+        if self.max_body_size is not None and partial.size > self.max_body_size:
+            # too large: keep the properties (to answer), do not buffer the body
+            partial.problem = f"body of {partial.size} bytes is over the size limit"
+        if partial.size == 0:
             self._content_done(channel)
 
     def _content_done(self, channel: int) -> None:
-        key, args, props, size, chunks, _ = self._partial.pop(channel)
+        partial = self._partial.pop(channel)
         wrapper = self.wrappers.get(channel)
         if wrapper is None:
             return
+        chunks = partial.chunks
         body = b"".join(chunks) if len(chunks) != 1 else chunks[0]
-        problem = None
-        if props is False:
-            problem, props, body = f"body of {size} bytes is over the size limit", {}, b""
-        elif isinstance(props, Exception):
-            problem, props = f"undecodable message properties: {props}", {}
-        if key == _DELIVER:
+        props, args = partial.properties, partial.args
+        if partial.key == _DELIVER:
             tag, dtag, redelivered, exchange, rkey = args
             wrapper.delivered(Delivery(body, props, dtag, redelivered, exchange, rkey, tag,
-                                       problem, size))
-        elif key == _RETURN:
+                                       partial.problem, partial.size))
+        elif partial.key == _RETURN:
             wrapper.returned(Returned(args[0], args[1], args[2], args[3], props))
         else:
-            log.warn("ignoring unexpected content method {key}", key=key)
+            log.warn("ignoring unexpected content method {key}", key=partial.key)
 
     def _channel_now(self, channel_id: int) -> Any:
         ch = self.channels.get(channel_id)

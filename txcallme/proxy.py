@@ -9,10 +9,11 @@ only the calls made to it, at once.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -22,8 +23,8 @@ from twisted.python.failure import Failure
 
 from txcallme import _wire
 from txcallme._channel import Connection, Delivery
+from txcallme._destinations import Destination
 from txcallme._params import ConnectionParams, TLSSettings, connection_params
-from txcallme._publisher import ConfirmedPublisher
 from txcallme._session import Session
 from txcallme.errors import (
     CallmeError,
@@ -33,7 +34,6 @@ from txcallme.errors import (
     RemoteErrorRegistry,
     RpcTimeout,
     ServerUnavailable,
-    Unroutable,
 )
 from txcallme.serializers import JSON, Serializer
 
@@ -45,7 +45,9 @@ class _Call:
     server_id: str
     method: str
     deferred: Deferred[Any]
-    published: bool = False
+    timeout: float
+    deadline: float
+    destination: Destination | None = None
 
 
 class Proxy:
@@ -85,7 +87,8 @@ class Proxy:
         self.queue = _wire.client_queue(self.params.user, uid)
         self._ids = itertools.count(1)
         self._pending: dict[str, _Call] = {}
-        self._destinations: dict[str, ConfirmedPublisher] = {}
+        self._deadlines = _Deadlines(reactor, self._expire)
+        self._destinations: dict[str, Destination] = {}
         self._connection: Connection | None = None
         self._closed = False
         self._session = Session(reactor, self.params, self._prepare, self._lost,
@@ -117,24 +120,24 @@ class Proxy:
         timeout = self.timeout if timeout is None else timeout
         if timeout <= 0:
             return fail(ValueError("timeout must be positive"))
-        deadline = time.time() + timeout
+        now = self._reactor.seconds()
+        deadline = now + timeout
         try:
             body = _wire.encode_request(self.serializer, _wire.Request(
-                method, list(args), dict(kwargs or {}), deadline))
+                method, list(args), dict(kwargs or {}), time.time() + timeout))
         except CallmeError as e:
             return fail(e)
         corr = f"{next(self._ids):x}"
         d: Deferred[Any] = Deferred(lambda _: self._forget(corr))
-        call = _Call(server_id, method, d)
+        call = _Call(server_id, method, d, timeout, deadline)
         self._pending[corr] = call
-        d.addTimeout(timeout, self._reactor, onTimeoutCancel=lambda result, t: Failure(
-            RpcTimeout(server_id, method, t)))
+        self._deadlines.add(deadline, corr)
         connection = self._connection
         if connection is not None:
-            self._publish(connection, corr, call, body, deadline)
+            self._publish(connection, corr, call, body)
         else:
             ready = self._session.ready()
-            ready.addCallbacks(lambda conn: self._publish(conn, corr, call, body, deadline),
+            ready.addCallbacks(lambda conn: self._publish(conn, corr, call, body),
                                lambda f: self._fail(corr, f))
         return d
 
@@ -145,9 +148,10 @@ class Proxy:
         self._closed = True
         for corr in list(self._pending):
             self._fail(corr, Failure(ProxyClosed("the proxy was closed")))
-        for publisher in self._destinations.values():
-            publisher.close()
+        for destination in self._destinations.values():
+            destination.close()
         self._destinations.clear()
+        self._deadlines.clear()
         return self._session.stop()
 
     def when_ready(self) -> Deferred[Connection]:
@@ -174,45 +178,58 @@ class Proxy:
         self._connection = None
         self._destinations = {}
         for corr, call in list(self._pending.items()):
-            if call.published:
+            if call.destination is not None:
                 self._fail(corr, Failure(error))
 
-    def _publish(self, connection: Connection, corr: str, call: _Call, body: bytes,
-                 deadline: float) -> None:
+    def _publish(self, connection: Connection, corr: str, call: _Call, body: bytes) -> None:
         if corr not in self._pending:
             return
-        if connection is not self._connection:  # reconnected meanwhile
-            connection = self._connection or connection
-        publisher = self._destinations.get(call.server_id)
-        if publisher is None:
-            publisher = ConfirmedPublisher(connection.open_channel, replay=False)
-            self._destinations[call.server_id] = publisher
-        expiration = max(1, int((deadline - time.time()) * 1000))
-        props = {"content_type": self.serializer.content_type, "correlation_id": corr,
-                 "reply_to": self.exchange, "expiration": str(expiration)}
-        call.published = True
-        confirmed = publisher.publish(_wire.server_exchange(call.server_id), call.server_id,
-                                      body, props, mandatory=True)
-        confirmed.addErrback(self._publish_failed, corr)
+        connection = self._connection or connection  # reconnected meanwhile
+        destination = self._destinations.get(call.server_id)
+        if destination is None:
+            destination = self._destinations[call.server_id] = Destination(
+                connection, _wire.server_exchange(call.server_id), call.server_id,
+                self._returned, self._destination_closed)
+        call.destination = destination
+        remaining = call.deadline - self._reactor.seconds()
+        destination.send(body, {
+            "content_type": self.serializer.content_type, "correlation_id": corr,
+            "reply_to": self.exchange, "expiration": str(max(1, int(remaining * 1000)))})
 
-    def _publish_failed(self, reason: Failure, corr: str) -> None:
+    def _returned(self, corr: str) -> None:
         call = self._pending.get(corr)
-        if call is None:
-            return
-        if reason.check(Unroutable):
-            reason = Failure(ServerUnavailable(call.server_id, "no queue is bound"))
-        elif reason.check(NotFound):
-            reason = Failure(ServerUnavailable(
-                call.server_id, f"exchange {_wire.server_exchange(call.server_id)} not found"))
-        self._fail(corr, reason)
+        if call is not None:
+            self._fail(corr, Failure(ServerUnavailable(call.server_id, "no queue is bound")))
+
+    def _destination_closed(self, destination: Destination, error: CallmeError) -> None:
+        if self._destinations.get(destination.routing_key) is destination:
+            del self._destinations[destination.routing_key]
+        if isinstance(error, NotFound):
+            error = ServerUnavailable(destination.routing_key,
+                                      f"exchange {destination.exchange} not found")
+        for corr, call in list(self._pending.items()):
+            if call.destination is destination:
+                self._fail(corr, Failure(error))
+
+    def _expire(self, corr: str) -> None:
+        call = self._pending.pop(corr, None)
+        if call is not None:
+            call.deferred.errback(RpcTimeout(call.server_id, call.method, call.timeout))
+            self._idle()
+
+    def _idle(self) -> None:
+        if not self._pending:
+            self._deadlines.clear()
 
     def _forget(self, corr: str) -> None:
         self._pending.pop(corr, None)
+        self._idle()
 
     def _fail(self, corr: str, reason: Failure) -> None:
         call = self._pending.pop(corr, None)
         if call is not None and not call.deferred.called:
             call.deferred.errback(reason)
+        self._idle()
 
     def _reply(self, delivery: Delivery) -> None:
         corr = delivery.properties.get("correlation_id")
@@ -221,6 +238,8 @@ class Proxy:
             log.info("dropping a reply for no pending call (late or foreign), "
                      "correlation id {corr!r}", corr=corr)
             return
+        if not self._pending:
+            self._deadlines.clear()
         if delivery.problem:
             call.deferred.errback(InvalidRequest(f"unreadable reply: {delivery.problem}"))
         else:
@@ -240,6 +259,40 @@ def settle(d: Deferred[Any], serializer: Serializer, errors: RemoteErrorRegistry
     else:
         err = reply.error
         d.errback(errors.rebuild(err["type"], err["message"], err["args"], err["traceback"]))
+
+
+class _Deadlines:
+    """Call deadlines in one heap with a single timer, instead of a timer and
+    timeout callbacks per call (cheaper per call and per pending call)."""
+
+    def __init__(self, clock: Any, expire: Callable[[str], None]) -> None:
+        self._clock = clock
+        self._expire = expire
+        self._heap: list[tuple[float, str]] = []
+        self._timer: Any = None
+
+    def add(self, deadline: float, corr: str) -> None:
+        heapq.heappush(self._heap, (deadline, corr))
+        if self._timer is None:
+            self._timer = self._clock.callLater(deadline - self._clock.seconds(), self._fire)
+        elif self._heap[0][1] == corr:  # earlier than what the timer waits for
+            self._timer.reset(max(0.0, deadline - self._clock.seconds()))
+
+    def clear(self) -> None:
+        self._heap.clear()
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            self._expire(heapq.heappop(heap)[1])
+        if heap and self._timer is None:
+            self._timer = self._clock.callLater(heap[0][0] - now, self._fire)
 
 
 class Invoker(Protocol):

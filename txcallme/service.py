@@ -86,7 +86,7 @@ class CallmeServerService(Service):
             raise ValueError("threads must be at least 1")
         self.threading = threading
         self.threads = threads
-        self.prefetch = prefetch or (threads if threading else 100)
+        self.prefetch = prefetch or (2 * threads if threading else 100)
         self.max_body_size = max_body_size
         if ack not in ("after_reply", "on_receipt"):
             raise ValueError("ack must be 'after_reply' (at-least-once) or 'on_receipt' "

@@ -51,7 +51,7 @@ class Options(usage.Options):
         ["amqp-vhost", None, "/", "Broker virtual host."],
         ["threads", "t", 10, "Threads for blocking functions; 0 runs them on the reactor.",
          _count],
-        ["prefetch", None, None, "Requests taken at once [default: threads, or 100].", _count],
+        ["prefetch", None, None, "Requests taken at once [default: 2 x threads, or 100].", _count],
         ["ssl-ca", None, None, "CA certificate file (PEM) to verify the broker."],
         ["ssl-cert", None, None, "Client certificate file (PEM)."],
         ["ssl-key", None, None, "Client private key file (PEM)."],
