@@ -1,0 +1,177 @@
+"""txcallme from ``async def`` code on Twisted's asyncio reactor (real broker).
+
+The test session runs the default reactor, so each case is a script run with
+its own interpreter: it installs ``asyncioreactor``, runs a server and a Proxy
+on one asyncio loop and awaits Deferreds through ``Deferred.asFuture``. It
+prints ``PROXY <exchange> <queue>`` (added to the session's leak check) and a
+final marker line that the test checks.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import conftest
+from conftest import new_server_id
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 60
+
+#: Shared start of both scripts: asyncio reactor, a server with add/div/slow_add
+#: and a ``run(main)`` that drives an ``async def main(loop, service, proxy)``.
+PRELUDE = """\
+import asyncio
+import sys
+
+from twisted.internet import asyncioreactor
+
+asyncioreactor.install(asyncio.new_event_loop())
+
+from twisted.internet import reactor, task  # noqa: E402
+
+from txcallme import CallmeServerService, Proxy  # noqa: E402
+
+SERVER_ID = sys.argv[1]
+
+
+async def slow_add(a, b, delay=0.2):
+    await task.deferLater(reactor, delay, lambda: None)
+    return a + b
+
+
+async def setup_and_run(main):
+    loop = asyncio.get_running_loop()
+    service = CallmeServerService(SERVER_ID, amqp_host="127.0.0.1")
+    service.register_function(lambda a, b: a + b, "add")
+    service.register_function(lambda a, b: a / b, "div")
+    service.register_function(slow_add)
+    service.startService()
+    proxy = Proxy(amqp_host="127.0.0.1", timeout=5)
+    print("PROXY", proxy.exchange, proxy.queue, flush=True)
+    try:
+        await service.when_ready().asFuture(loop)
+        await main(loop, proxy)
+    finally:
+        await proxy.close().asFuture(loop)
+        await service.stopService().asFuture(loop)
+    assert proxy.pending_count == 0
+
+
+def run(main):
+    task_ = asyncio.ensure_future(setup_and_run(main), loop=reactor._asyncioEventloop)
+    task_.add_done_callback(lambda _: reactor.stop())
+    reactor.run()
+    task_.result()
+"""
+
+CALLS = PRELUDE + """
+from txcallme import RpcTimeout  # noqa: E402
+
+
+async def main(loop, proxy):
+    assert type(reactor).__name__ == "AsyncioSelectorReactor", reactor
+    server = proxy.use_server(SERVER_ID)
+    assert await server.add(1, 1).asFuture(loop) == 2
+    try:
+        await server.div(1, 0).asFuture(loop)
+    except ZeroDivisionError as e:
+        assert "ZeroDivisionError" in e.remote_traceback, e.remote_traceback
+    else:
+        raise AssertionError("no ZeroDivisionError")
+    try:
+        await proxy.use_server(SERVER_ID, timeout=0.3).slow_add(1, 2, delay=1).asFuture(loop)
+    except RpcTimeout:
+        pass
+    else:
+        raise AssertionError("no RpcTimeout")
+    # Cancelling the future (asyncio's own timeout) cancels the call.
+    try:
+        await asyncio.wait_for(server.slow_add(1, 2, delay=1).asFuture(loop), 0.2)
+    except asyncio.TimeoutError:
+        pass
+    else:
+        raise AssertionError("wait_for did not time out")
+    assert proxy.pending_count == 0, proxy.pending_count
+    assert await server.slow_add(2, 3, delay=0.1).asFuture(loop) == 5
+    print("ASYNCIO-CALLS-OK", flush=True)
+
+
+run(main)
+"""
+
+AIOHTTP = PRELUDE + """
+import socket  # noqa: E402
+import time  # noqa: E402
+
+from aiohttp import ClientSession, web  # noqa: E402
+
+REQUESTS = 20
+
+
+async def main(loop, proxy):
+    server = proxy.use_server(SERVER_ID)
+
+    async def handle(request):
+        a, b = int(request.query["a"]), int(request.query["b"])
+        return web.json_response({"sum": await server.slow_add(a, b).asFuture(loop)})
+
+    app = web.Application()
+    app.router.add_get("/add", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    try:
+        await web.SockSite(runner, sock).start()
+        async with ClientSession() as session:
+            async def get(i):
+                url = f"http://127.0.0.1:{port}/add?a={i}&b={i * 10}"
+                async with session.get(url) as response:
+                    assert response.status == 200, await response.text()
+                    return await response.json()
+
+            started = time.monotonic()
+            bodies = await asyncio.gather(*(get(i) for i in range(REQUESTS)))
+            elapsed = time.monotonic() - started
+    finally:
+        await runner.cleanup()
+    assert bodies == [{"sum": i * 11} for i in range(REQUESTS)], bodies
+    # Each call takes 0.2 s on the server; one after another would take 4 s.
+    assert elapsed < 2.0, elapsed
+    print("AIOHTTP-OK", REQUESTS, flush=True)
+
+
+run(main)
+"""
+
+
+def run_script(source: str, tmp_path: Path) -> str:
+    """Run *source* with a fresh server id; its stdout, after a zero exit."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    result = subprocess.run([sys.executable, str(script), new_server_id()], cwd=ROOT,
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    for line in result.stdout.splitlines():
+        if line.startswith("PROXY "):
+            conftest._created_names.update(line.split()[1:])
+    assert result.returncode == 0, result.stdout + result.stderr
+    for trouble in ("Traceback", "Unhandled", "Unclosed", "was destroyed"):
+        assert trouble not in result.stderr, result.stderr
+    return result.stdout
+
+
+def test_calls_through_as_future(tmp_path: Path) -> None:
+    """On the asyncio reactor, awaited calls return results and raise remote
+    exceptions (same type) and RpcTimeout; cancelling the future cancels the call."""
+    out = run_script(CALLS, tmp_path)
+    assert out.splitlines()[-1] == "ASYNCIO-CALLS-OK"
+
+
+def test_aiohttp_app(tmp_path: Path) -> None:
+    """An aiohttp app on the reactor's loop answers 20 concurrent requests with
+    RPC results, concurrently, and everything shuts down cleanly."""
+    out = run_script(AIOHTTP, tmp_path)
+    assert out.splitlines()[-1] == "AIOHTTP-OK 20"
