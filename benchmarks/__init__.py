@@ -1,0 +1,1 @@
+"""The txcallme benchmark kit: ``python -m benchmarks`` (measured, never asserted)."""
