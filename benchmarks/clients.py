@@ -74,12 +74,7 @@ async def memory_client(args: argparse.Namespace) -> dict[str, Any]:
     for d in calls:
         d.addErrback(lambda _: None)
     issued = time.perf_counter() - t0
-    publisher = getattr(proxy, "_destinations", {}).get(sid)
-    for _ in range(100):  # until the broker has confirmed every publish
-        if publisher is None or not publisher.in_flight:
-            break
-        await _tw.sleep(0.1)
-    await _tw.sleep(0.3)
+    await _tw.sleep(1.0)  # let the transport flush every request to the broker
     gc.collect()
     rss1 = common.rss_bytes()
     pending = proxy.pending_count
