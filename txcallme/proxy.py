@@ -39,6 +39,11 @@ from txcallme.serializers import JSON, Serializer
 
 log = Logger(namespace="callme.proxy")
 
+#: Seconds after a (re)connection during which an unroutable request is
+#: published again instead of failing with ServerUnavailable.
+RECONNECT_GRACE = 5.0
+RETRY_DELAY = 0.25
+
 
 @attrs.define(slots=True, eq=False)
 class _Call:
@@ -47,6 +52,7 @@ class _Call:
     deferred: Deferred[Any]
     timeout: float
     deadline: float
+    body: bytes
     destination: Destination | None = None
 
 
@@ -90,6 +96,7 @@ class Proxy:
         self._deadlines = _Deadlines(reactor, self._expire)
         self._destinations: dict[str, Destination] = {}
         self._connection: Connection | None = None
+        self._connected_at: float | None = None
         self._closed = False
         self._session = Session(reactor, self.params, self._prepare, self._lost,
                                 name="proxy", max_body_size=max_body_size)
@@ -129,7 +136,7 @@ class Proxy:
             return fail(e)
         corr = f"{next(self._ids):x}"
         d: Deferred[Any] = Deferred(lambda _: self._forget(corr))
-        call = _Call(server_id, method, d, timeout, deadline)
+        call = _Call(server_id, method, d, timeout, deadline, body)
         self._pending[corr] = call
         self._deadlines.add(deadline, corr)
         connection = self._connection
@@ -173,6 +180,8 @@ class Proxy:
         await channel.consume(self.queue, self._reply, no_ack=True, exclusive=True)
         self._destinations = {}
         self._connection = connection
+        # a grace period for servers to come back applies to reconnections only
+        self._connected_at = self._reactor.seconds() if self._session.ever_connected else None
 
     def _lost(self, error: CallmeError) -> None:
         self._connection = None
@@ -198,8 +207,22 @@ class Proxy:
 
     def _returned(self, corr: str) -> None:
         call = self._pending.get(corr)
-        if call is not None:
+        if call is not None and not self._retry_after_reconnect(corr):
             self._fail(corr, Failure(ServerUnavailable(call.server_id, "no queue is bound")))
+
+    def _retry_after_reconnect(self, corr: str) -> bool:
+        """Just after a reconnection the servers may not be back yet (a restarted
+        broker loses their queues): publish again shortly instead of failing."""
+        now = self._reactor.seconds()
+        if self._connected_at is None or now - self._connected_at > RECONNECT_GRACE:
+            return False
+        self._reactor.callLater(RETRY_DELAY, self._republish, corr)
+        return True
+
+    def _republish(self, corr: str) -> None:
+        call = self._pending.get(corr)
+        if call is not None and self._connection is not None:
+            self._publish(self._connection, corr, call, call.body)
 
     def _destination_closed(self, destination: Destination, error: CallmeError) -> None:
         if self._destinations.get(destination.routing_key) is destination:
@@ -207,9 +230,12 @@ class Proxy:
         if isinstance(error, NotFound):
             error = ServerUnavailable(destination.routing_key,
                                       f"exchange {destination.exchange} not found")
+        unroutable = isinstance(error, ServerUnavailable)
         for corr, call in list(self._pending.items()):
             if call.destination is destination:
-                self._fail(corr, Failure(error))
+                call.destination = None
+                if not (unroutable and self._retry_after_reconnect(corr)):
+                    self._fail(corr, Failure(error))
 
     def _expire(self, corr: str) -> None:
         call = self._pending.pop(corr, None)
