@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv rabbitmq test demo lint bench clean
+.PHONY: venv rabbitmq test demo lint typecheck bench clean
 
 # compat mode puts the repo root on sys.path (a .pth file), so Twisted's plugin
 # discovery finds twisted/plugins/callme_plugin.py from the editable install.
@@ -28,6 +28,9 @@ demo: rabbitmq venv
 
 lint: venv
 	$(BIN)/ruff check .
+
+typecheck: venv
+	$(BIN)/mypy --strict txcallme
 
 bench: rabbitmq venv
 	$(BIN)/python -m benchmarks

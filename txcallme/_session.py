@@ -140,7 +140,12 @@ class Session:
             return
         self.last_error = reason
         self._failures += 1
-        delay = backoff(self._failures)
+        hosts = len(self._params.hosts)
+        if self._failures % hosts:  # try the next address at once
+            if self.running:
+                self._retry = self._reactor.callLater(0, self._connect)
+            return
+        delay = backoff(self._failures // hosts)
         log.error("{name}: cannot connect to {broker}: {error}; retrying in {delay:.1f} s",
                   name=self._name, broker=self._params.describe(), error=reason.value,
                   delay=delay)
