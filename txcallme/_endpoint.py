@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
@@ -14,38 +14,47 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txcallme._params import ConnectionParams, TLSSettings
-from txcallme.errors import BrokerUnreachable
+from txcallme.errors import BrokerUnreachable, TLSError
 
 log = Logger(namespace="callme.connection")
 
 
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSError(f"cannot read the TLS {what} file {path}: {e.strerror}") from None
+
+
 def tls_options(settings: TLSSettings, hostname: str) -> Any:
-    """A Twisted ``IOpenSSLClientConnectionCreator`` for *settings*."""
+    """A Twisted ``IOpenSSLClientConnectionCreator`` for *settings*.
+
+    Raises :class:`TLSError` for unreadable or invalid certificate files.
+    """
+    from OpenSSL import SSL
     from twisted.internet import ssl
 
-    trust: Any = None
-    if settings.ca_file:
-        with open(settings.ca_file, "rb") as f:
-            trust = ssl.Certificate.loadPEM(f.read())
-    client_cert = None
-    if settings.cert_file:
-        with open(settings.cert_file, "rb") as f:
-            pem = f.read()
-        if settings.key_file:
-            with open(settings.key_file, "rb") as f:
-                pem += b"\n" + f.read()
-        client_cert = ssl.PrivateCertificate.loadPEM(pem)
+    try:
+        trust: Any = None
+        if settings.ca_file:
+            trust = ssl.Certificate.loadPEM(_read(settings.ca_file, "CA"))
+        client_cert = None
+        if settings.cert_file:
+            pem = _read(settings.cert_file, "certificate")
+            if settings.key_file:
+                pem += b"\n" + _read(settings.key_file, "key")
+            client_cert = ssl.PrivateCertificate.loadPEM(pem)
+    except (SSL.Error, ValueError) as e:
+        raise TLSError(f"invalid TLS certificate or key file: {e}") from None
     if not settings.verify_hostname:
         log.warn(
             "TLS hostname verification is OFF for {host}: the broker's certificate is "
             "checked against the CA but not against its name",
             host=hostname,
         )
-        kwargs: dict[str, Any] = {"verify": True, "requireCertificate": True}
-        kwargs["caCerts"] = [trust.original] if trust is not None else None
-        if kwargs["caCerts"] is None:
-            kwargs.pop("caCerts")
-            kwargs["trustRoot"] = ssl.platformTrust()
+        kwargs: dict[str, Any] = {"trustRoot": trust if trust is not None
+                                  else ssl.platformTrust()}
         if client_cert is not None:
             kwargs["privateKey"] = client_cert.privateKey.original
             kwargs["certificate"] = client_cert.original
@@ -65,6 +74,7 @@ class BrokerEndpoint:
         self._reactor = reactor
         self._params = params
         self._next = 0
+        self._tls: dict[str, Any] = {}
         self.last_address: tuple[str, int] = params.hosts[0]
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:  # noqa: N803
@@ -75,7 +85,13 @@ class BrokerEndpoint:
             self._reactor, host, port, timeout=self._params.connect_timeout
         )
         if self._params.tls is not None:
-            endpoint = wrapClientTLS(tls_options(self._params.tls, host), endpoint)
+            options = self._tls.get(host)
+            if options is None:
+                try:
+                    options = self._tls[host] = tls_options(self._params.tls, host)
+                except TLSError as e:
+                    return fail(e)
+            endpoint = wrapClientTLS(options, endpoint)
         d: Deferred[Any] = endpoint.connect(protocolFactory)
 
         def failed(reason: Failure) -> Failure:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
+from service_identity.exceptions import CertificateError, VerificationError
+
 from txcallme._amqp import Closed, Protocol
 from txcallme._channel import Connection
 from txcallme.errors import (
@@ -47,7 +50,9 @@ def _login_error(proto: Protocol, host: str, port: int) -> CallmeError:
         return BrokerConnectionLost(f"broker closed the connection: {code} {text}")
     lost = proto.lost_reason
     detail = lost.getErrorMessage() if lost is not None else "connection closed"
-    if lost is not None and "SSL" in type(lost.value).__name__ + repr(lost.value):
+    if lost is not None and lost.check(SSL.Error, VerificationError, CertificateError):
+        if lost.check(VerificationError, CertificateError):
+            detail = f"the broker's certificate does not match the host name: {detail}"
         return TLSError(f"TLS handshake with {host}:{port} failed: {detail}")
     if proto.login_sent:
         return AuthenticationError(params.user, params.vhost,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import attrs
 
@@ -60,7 +60,7 @@ class ConnectionParams:
     def describe(self) -> str:
         scheme = "amqps" if self.tls else "amqp"
         where = ",".join(f"{h}:{p}" for h, p in self.hosts)
-        return f"{scheme}://{self.user}@{where}/{self.vhost}"
+        return f"{scheme}://{self.user}@{where}/{quote(self.vhost, safe='')}"
 
 
 def parse_url(url: str) -> dict[str, Any]:

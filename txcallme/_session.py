@@ -79,6 +79,8 @@ class Session:
             return succeed(self.connection)
         if not self.running:
             return fail(CallmeError(f"{self._name} is not running"))
+        if not self.ever_connected and self.last_error is not None:
+            return fail(self.last_error)  # the first connection has not worked yet
         d: Deferred[Connection] = Deferred()
         self._waiters.append((d, not self.ever_connected))
         return d
