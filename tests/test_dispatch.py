@@ -321,7 +321,7 @@ class ContextTests(DispatchTestCase):
     """Handlers registered with with_context=True."""
 
     def test_context_passed(self) -> None:
-        """The CallContext given to dispatch reaches the handler as context=."""
+        """The CallContext made by dispatch's factory reaches the handler as context=."""
         seen: list[CallContext | None] = []
 
         def whoami(x: int, context: CallContext | None = None) -> int:
@@ -330,7 +330,7 @@ class ContextTests(DispatchTestCase):
 
         self.dispatcher.register(whoami, with_context=True)
         context = CallContext("srv", "whoami", "c1", "client_ex", True, None)
-        d = self.dispatcher.dispatch(Request("whoami", [5], {}), context)
+        d = self.dispatcher.dispatch(Request("whoami", [5], {}), lambda: context)
         self.assertEqual(decode_reply(JSON, self.successResultOf(d)).value, 5)
         self.assertEqual(seen, [context])
 
@@ -338,7 +338,7 @@ class ContextTests(DispatchTestCase):
         """Without with_context a handler gets no context argument."""
         self.dispatcher.register(add)
         context = CallContext("srv", "add", None, None, False, None)
-        d = self.dispatcher.dispatch(Request("add", [1, 2], {}), context)
+        d = self.dispatcher.dispatch(Request("add", [1, 2], {}), lambda: context)
         self.assertEqual(decode_reply(JSON, self.successResultOf(d)).value, 3)
 
     def test_context_from_wire_refused(self) -> None:

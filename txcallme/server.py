@@ -51,6 +51,9 @@ class Handler:
     signature: inspect.Signature | None
     blocking: bool
     with_context: bool = False
+    #: number of positional arguments when that alone makes a valid call
+    #: (no defaults, no *args/**kwargs): such calls skip Signature.bind
+    arity: int | None = None
 
 
 class Dispatcher:
@@ -89,10 +92,15 @@ class Dispatcher:
             blocking = self._pool is not None and not _is_async(func)
         elif blocking and self._pool is None:
             raise ValueError("blocking=True needs a thread pool (threading=True)")
-        self.handlers[name] = Handler(name, func, signature, blocking, with_context)
+        self.handlers[name] = Handler(name, func, signature, blocking, with_context,
+                                      _simple_arity(signature, with_context))
 
-    def dispatch(self, request: Request, context: CallContext | None = None) -> Deferred[bytes]:
-        """Run *request*; fires with the reply body (result or error). Never fails."""
+    def dispatch(self, request: Request,
+                 context: Callable[[], CallContext] | None = None) -> Deferred[bytes]:
+        """Run *request*; fires with the reply body (result or error). Never fails.
+
+        *context* makes the :class:`CallContext` for handlers that asked for one.
+        """
         handler = self.handlers.get(request.method)
         if handler is None:
             return self._error(UnknownMethod(f"no function {request.method!r} on this server"))
@@ -100,8 +108,9 @@ class Dispatcher:
         if handler.with_context:
             if "context" in kwargs:
                 return self._error(TypeError(f"{request.method}(): 'context' is reserved"))
-            kwargs = {**kwargs, "context": context}
-        if handler.signature is not None:
+            kwargs = {**kwargs, "context": context() if context is not None else None}
+        if handler.signature is not None and not (
+                handler.arity == len(request.args) and not kwargs):
             try:
                 handler.signature.bind(*request.args, **kwargs)
             except TypeError as e:
@@ -151,6 +160,16 @@ class Dispatcher:
         d: Deferred[bytes] = Deferred()
         d.callback(body)
         return d
+
+
+def _simple_arity(signature: inspect.Signature | None, with_context: bool) -> int | None:
+    if signature is None or with_context:
+        return None
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = signature.parameters.values()
+    if all(p.kind in plain and p.default is inspect.Parameter.empty for p in params):
+        return len(signature.parameters)
+    return None
 
 
 def _is_async(func: Callable[..., Any]) -> bool:

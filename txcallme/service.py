@@ -216,10 +216,10 @@ class CallmeServerService(Service):
             return
         if self.ack == "on_receipt":
             channel.ack(delivery.delivery_tag)
-        context = CallContext(self.server_id, request.method, corr, reply_to,
-                              delivery.redelivered, request.deadline)
         self._in_flight += 1
-        d = self.dispatcher.dispatch(request, context)
+        d = self.dispatcher.dispatch(request, lambda: CallContext(
+            self.server_id, request.method, corr, reply_to, delivery.redelivered,
+            request.deadline))
         d.addCallback(lambda body: self._reply(channel, delivery, reply_to, corr, body))
         d.addErrback(lambda f: log.failure("dispatch failed", f))
         d.addBoth(self._finished)

@@ -71,9 +71,8 @@ class MemoryServer:
     def handle(self, body: bytes, corr: str) -> Deferred[bytes]:
         self.calls += 1
         request = _wire.decode_request(self.dispatcher.serializer, body)
-        context = CallContext(self.server_id, request.method, corr, "memory", False,
-                              request.deadline)
-        return self.dispatcher.dispatch(request, context)
+        return self.dispatcher.dispatch(request, lambda: CallContext(
+            self.server_id, request.method, corr, "memory", False, request.deadline))
 
 
 class MemoryProxy:
