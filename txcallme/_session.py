@@ -25,8 +25,6 @@ from txcallme._handshake import handshake
 from txcallme._params import ConnectionParams
 from txcallme.errors import CallmeError
 
-log = Logger(namespace="callme.connection")
-
 
 def backoff(attempt: int, initial: float = 0.5, maximum: float = 10.0) -> float:
     """Seconds to wait before retry *attempt* (1-based), with 0-10% jitter."""
@@ -45,12 +43,13 @@ class Session:
     def __init__(self, reactor: Any, params: ConnectionParams,
                  prepare: Callable[[Connection], Awaitable[Any]],
                  lost: Callable[[CallmeError], None], *, name: str,
-                 max_body_size: int | None = None) -> None:
+                 max_body_size: int | None = None, log: Logger | None = None) -> None:
         self._reactor = reactor
         self._params = params
         self._prepare = prepare
         self._lost = lost
         self._name = name
+        self._log = log or Logger(namespace="callme.connection")
         self._max_body_size = max_body_size
         self._endpoint = BrokerEndpoint(reactor, params)
         self._factory = ProtocolFactory(params, reactor)
@@ -130,8 +129,8 @@ class Session:
         self.ever_connected = True
         self.last_error = None
         connection.protocol.on_lost.append(lambda e: self._connection_lost(connection, e))
-        log.info("{name}: connected to {broker}", name=self._name,
-                 broker=self._params.describe())
+        self._log.info("{name}: connected to {broker}", name=self._name,
+                       broker=self._params.describe())
         waiters, self._waiters = self._waiters, []
         for d, _ in waiters:
             d.callback(connection)
@@ -148,9 +147,9 @@ class Session:
                 self._retry = self._reactor.callLater(0, self._connect)
             return
         delay = backoff(self._failures // hosts)
-        log.error("{name}: cannot connect to {broker}: {error}; retrying in {delay:.1f} s",
-                  name=self._name, broker=self._params.describe(), error=reason.value,
-                  delay=delay)
+        self._log.error(
+            "{name}: cannot connect to {broker}: {error}; retrying in {delay:.1f} s",
+            name=self._name, broker=self._params.describe(), error=reason.value, delay=delay)
         if self.running:
             self._retry = self._reactor.callLater(delay, self._connect)
         failing = [d for d, fail_fast in self._waiters if fail_fast]
@@ -163,6 +162,6 @@ class Session:
             return
         self.connection = None
         if self.running:
-            log.warn("{name}: lost the broker connection; reconnecting", name=self._name)
+            self._log.warn("{name}: lost the broker connection; reconnecting", name=self._name)
             self._retry = self._reactor.callLater(backoff(1, initial=0.1), self._connect)
         self._lost(error)

@@ -99,7 +99,7 @@ class Proxy:
         self._connected_at: float | None = None
         self._closed = False
         self._session = Session(reactor, self.params, self._prepare, self._lost,
-                                name="proxy", max_body_size=max_body_size)
+                                name="proxy", max_body_size=max_body_size, log=log)
         self._session.start()
 
     # -- public API ------------------------------------------------------------

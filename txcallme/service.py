@@ -99,7 +99,8 @@ class CallmeServerService(Service):
         if introspection:
             _introspect.install(self.dispatcher, server_id)
         self._session = Session(reactor, self.params, self._prepare, self._lost,
-                                name=f"server {server_id!r}", max_body_size=max_body_size)
+                                name=f"server {server_id!r}", max_body_size=max_body_size,
+                                log=log)
         self._replies: ConfirmedPublisher | None = None
         self._consumer: tuple[Channel, str] | None = None
         self._in_flight = 0
