@@ -36,9 +36,10 @@ from txcallme import _wire
 from txcallme._params import ConnectionParams, TLSSettings
 from txcallme.errors import ProxyClosed, RemoteErrorRegistry, RpcTimeout
 from txcallme.proxy import Proxy as AsyncProxy
+from txcallme.proxy import ServerProxy
 from txcallme.serializers import JSON, Serializer
 
-__all__ = ["Proxy", "ServerProxy"]
+__all__ = ["Proxy", "ServerProxy"]  # ServerProxy: the same view as the async Proxy's
 
 #: Seconds a caller waits beyond the call's own timeout before giving up on
 #: the reactor thread (the call's timeout fires in the reactor; this margin
@@ -217,39 +218,3 @@ class Proxy:
     def __repr__(self) -> str:
         state = "closed" if self._closed else self._proxy.params.describe()
         return f"<txcallme.blocking.Proxy {state}>"
-
-
-class ServerProxy:
-    """``proxy.use_server('foo')``: attribute access names remote functions;
-    calling one blocks and returns its result."""
-
-    def __init__(self, proxy: Proxy, server_id: str, timeout: float | None) -> None:
-        self._proxy = proxy
-        self._server_id = server_id
-        self._timeout = timeout
-
-    def __getattr__(self, name: str) -> _RemoteMethod:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _RemoteMethod(self._proxy, self._server_id, name, self._timeout)
-
-    def __repr__(self) -> str:
-        return f"<txcallme.blocking.ServerProxy {self._server_id!r}>"
-
-
-class _RemoteMethod:
-    def __init__(self, proxy: Proxy, server_id: str, name: str, timeout: float | None) -> None:
-        self._proxy = proxy
-        self._server_id = server_id
-        self._name = name
-        self._timeout = timeout
-
-    def __getattr__(self, name: str) -> _RemoteMethod:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _RemoteMethod(self._proxy, self._server_id, f"{self._name}.{name}",
-                             self._timeout)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._proxy.invoke(self._server_id, self._name, args, kwargs,
-                                  timeout=self._timeout)

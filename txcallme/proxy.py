@@ -322,15 +322,18 @@ class _Deadlines:
 
 
 class Invoker(Protocol):
-    """What :class:`ServerProxy` needs: anything with Proxy's ``invoke``."""
+    """What :class:`ServerProxy` needs: anything with Proxy's ``invoke`` (the
+    Deferred one, the blocking one, the in-memory one)."""
 
     def invoke(self, server_id: str, method: str, args: Sequence[Any] = (),
                kwargs: dict[str, Any] | None = None, *,
-               timeout: float | None = None) -> Deferred[Any]: ...
+               timeout: float | None = None) -> Any: ...
 
 
 class ServerProxy:
-    """``proxy.use_server('foo')``: attribute access names remote functions."""
+    """``proxy.use_server('foo')``: attribute access names remote functions;
+    calling one returns what the proxy's ``invoke`` returns (a Deferred, or the
+    result for :class:`txcallme.blocking.Proxy`)."""
 
     def __init__(self, proxy: Invoker, server_id: str, timeout: float | None) -> None:
         self._proxy = proxy
@@ -359,7 +362,7 @@ class _RemoteMethod:
         return _RemoteMethod(self._proxy, self._server_id, f"{self._name}.{name}",
                              self._timeout)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._proxy.invoke(self._server_id, self._name, args, kwargs,
                                   timeout=self._timeout)
 
