@@ -8,6 +8,8 @@ into reply bytes; :mod:`txcallme.service` moves the bytes.
 from __future__ import annotations
 
 import inspect
+import linecache
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +18,9 @@ from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.reflect import safe_str
 
+import twisted
 from txcallme._wire import (
     RESERVED_PREFIX,
     Request,
@@ -24,7 +28,7 @@ from txcallme._wire import (
     encode_result,
     error_description,
 )
-from txcallme.errors import SerializationError, UnknownMethod
+from txcallme.errors import SerializationError, UnknownMethod, qualified_name
 from txcallme.serializers import Serializer
 
 log = Logger(namespace="callme.server")
@@ -138,7 +142,7 @@ class Dispatcher:
                  exc=exc)
         try:
             description = error_description(exc, with_traceback=False)
-            description["traceback"] = failure.getTraceback()
+            description["traceback"] = remote_traceback(failure)
             return encode_error(self.serializer, description)
         except Exception:
             pass
@@ -147,7 +151,7 @@ class Dispatcher:
                 "type": description["type"],
                 "message": ascii(description["message"]),
                 "args": [ascii(a) for a in description["args"]],
-                "traceback": failure.getTraceback().encode("utf-8", "backslashreplace")
+                "traceback": remote_traceback(failure).encode("utf-8", "backslashreplace")
                 .decode("ascii", "replace"),
             }
             return encode_error(self.serializer, description)
@@ -160,6 +164,28 @@ class Dispatcher:
         d: Deferred[bytes] = Deferred()
         d.callback(body)
         return d
+
+
+#: Frames from these packages (thread pool, Deferreds, this dispatcher) are left out.
+_FRAMEWORK_DIRS = (os.path.dirname(twisted.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+def remote_traceback(failure: Failure) -> str:
+    """The handler's traceback in Python's usual format, without Twisted's own
+    and txcallme's frames (thread pool, Deferreds, dispatch) in between."""
+    lines = ["Traceback (most recent call last):\n"]
+    for func, filename, lineno, _, _ in failure.frames:
+        if filename.startswith(_FRAMEWORK_DIRS):
+            continue
+        lines.append(f'  File "{filename}", line {lineno}, in {func}\n')
+        source = linecache.getline(filename, lineno).strip()
+        if source:
+            lines.append(f"    {source}\n")
+    exc = failure.value
+    name = qualified_name(type(exc)) if exc is not None else "Exception"
+    message = safe_str(exc)
+    lines.append(f"{name}: {message}\n" if message else f"{name}\n")
+    return "".join(lines)
 
 
 def _simple_arity(signature: inspect.Signature | None, with_context: bool) -> int | None:
