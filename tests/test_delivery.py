@@ -12,7 +12,7 @@ import pytest_twisted
 from _brokerctl import RawClient
 from conftest import new_server_id, sleep, track_proxy
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 
 import txcallme
 from txcallme import CallContext
@@ -171,3 +171,29 @@ async def test_heartbeats_survive_blocking_handlers() -> None:
     finally:
         await proxy.close()
         await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_does_not_wait_forever_for_a_stuck_call() -> None:
+    """stopService gives up on a call that never finishes after stop_timeout; it is requeued."""
+    sid = new_server_id()
+    never: Deferred[None] = Deferred()
+    svc = await _server(sid, stop_timeout=0.5)
+    svc.register_function(lambda: never, "stuck")
+    proxy = track_proxy(txcallme.Proxy(timeout=10, reactor=reactor))
+    try:
+        call = proxy.call(sid, "stuck")
+        await sleep(0.3)
+        started = time.monotonic()
+        await svc.stopService()
+        assert time.monotonic() - started < 3
+        # nothing serves the id any more; its queue went with the last consumer
+        with pytest.raises((txcallme.BrokerConnectionLost, txcallme.RpcTimeout,
+                            txcallme.ServerUnavailable)):
+            await proxy.use_server(sid, timeout=1).stuck()
+        call.cancel()  # if still pending; else it failed when its destination died
+        with pytest.raises((txcallme.CallmeError, CancelledError)):
+            await call
+    finally:
+        never.callback(None)
+        await proxy.close()

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -47,6 +48,7 @@ class CallmeServerService(Service):
     another instance. ``ack="on_receipt"`` (at-most-once) acks before running.
     ``durable=True`` declares a durable, non-auto-delete exchange and queue
     (RabbitMQ 4.x refuses transient non-exclusive queues by default).
+    ``stop_timeout``: how long :meth:`stopService` waits for running calls.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class CallmeServerService(Service):
         introspection: bool = True,
         ack: str = "after_reply",
         durable: bool = False,
+        stop_timeout: float = 60.0,
         reactor: Any = None,
     ) -> None:
         if reactor is None:
@@ -93,6 +96,7 @@ class CallmeServerService(Service):
                              "(at-most-once)")
         self.ack = ack
         self.durable = durable
+        self.stop_timeout = stop_timeout
         self.serializer = serializer
         self._pool = ThreadPool(0, threads, name=self.name) if threading else None
         self.dispatcher = Dispatcher(serializer, reactor=reactor, thread_pool=self._pool)
@@ -160,7 +164,12 @@ class CallmeServerService(Service):
             log.info("waiting for {n} running calls to finish", n=self._in_flight)
             d: Deferred[None] = Deferred()
             self._drained.append(d)
-            await d
+            d.addTimeout(self.stop_timeout, self._reactor)
+            try:
+                await d
+            except DeferTimeoutError:
+                log.error("{n} calls still running after {s} s: closing anyway; the broker "
+                          "requeues their requests", n=self._in_flight, s=self.stop_timeout)
         if self._pool is not None:
             self._pool.stop()
         if self._replies is not None:
@@ -261,4 +270,5 @@ class CallmeServerService(Service):
         if not self._in_flight and self._drained:
             waiting, self._drained = self._drained, []
             for d in waiting:
-                d.callback(None)
+                if not d.called:  # not given up on by stop_timeout
+                    d.callback(None)
