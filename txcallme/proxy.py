@@ -9,11 +9,10 @@ only the calls made to it, at once.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -23,6 +22,7 @@ from twisted.python.failure import Failure
 
 from txcallme import _wire
 from txcallme._channel import Connection, Delivery
+from txcallme._deadlines import Deadlines
 from txcallme._destinations import Destination
 from txcallme._params import ConnectionParams, TLSSettings, connection_params
 from txcallme._session import Session
@@ -93,7 +93,7 @@ class Proxy:
         self.queue = _wire.client_queue(self.params.user, uid)
         self._ids = itertools.count(1)
         self._pending: dict[str, _Call] = {}
-        self._deadlines = _Deadlines(reactor, self._expire)
+        self._deadlines = Deadlines(reactor, self._expire)
         self._destinations: dict[str, Destination] = {}
         self._connection: Connection | None = None
         self._connected_at: float | None = None
@@ -289,40 +289,6 @@ def settle(d: Deferred[Any], serializer: Serializer, errors: RemoteErrorRegistry
     else:
         err = reply.error
         d.errback(errors.rebuild(err["type"], err["message"], err["args"], err["traceback"]))
-
-
-class _Deadlines:
-    """Call deadlines in one heap with a single timer, instead of a timer and
-    timeout callbacks per call (cheaper per call and per pending call)."""
-
-    def __init__(self, clock: Any, expire: Callable[[str], None]) -> None:
-        self._clock = clock
-        self._expire = expire
-        self._heap: list[tuple[float, str]] = []
-        self._timer: Any = None
-
-    def add(self, deadline: float, corr: str) -> None:
-        heapq.heappush(self._heap, (deadline, corr))
-        if self._timer is None:
-            self._timer = self._clock.callLater(deadline - self._clock.seconds(), self._fire)
-        elif self._heap[0][1] == corr:  # earlier than what the timer waits for
-            self._timer.reset(max(0.0, deadline - self._clock.seconds()))
-
-    def clear(self) -> None:
-        self._heap.clear()
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-
-    def _fire(self) -> None:
-        self._timer = None
-        now = self._clock.seconds()
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            self._expire(heapq.heappop(heap)[1])
-        if heap and self._timer is None:
-            self._timer = self._clock.callLater(heap[0][0] - now, self._fire)
 
 
 class Invoker(Protocol):
