@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from txcallme import _introspect, _wire
+from txcallme._acks import Acker
 from txcallme._channel import Channel, Connection, Delivery
 from txcallme._params import ConnectionParams, TLSSettings, connection_params
 from txcallme._publisher import ConfirmedPublisher
@@ -107,6 +108,7 @@ class CallmeServerService(Service):
                                 log=log)
         self._replies: ConfirmedPublisher | None = None
         self._consumer: tuple[Channel, str] | None = None
+        self._acker: Acker | None = None
         self._in_flight = 0
         self._drained: list[Deferred[None]] = []
         self._stopping = False
@@ -172,6 +174,8 @@ class CallmeServerService(Service):
                           "requeues their requests", n=self._in_flight, s=self.stop_timeout)
         if self._pool is not None:
             self._pool.stop()
+        if self._acker is not None:
+            self._acker.flush()
         if self._replies is not None:
             await self._replies.close()
         await self._session.stop()
@@ -186,7 +190,8 @@ class CallmeServerService(Service):
         await channel.declare_queue(queue, durable=self.durable, auto_delete=not self.durable)
         await channel.bind_queue(queue, exchange, self.server_id)
         self._replies = ConfirmedPublisher(connection.open_channel, replay=True)
-        tag = await channel.consume(queue, lambda d: self._request(channel, d))
+        acker = self._acker = Acker(channel, self._reactor)
+        tag = await channel.consume(queue, lambda d: self._request(acker, d))
         self._consumer = (channel, tag)
         log.info("serving {server_id!r}: {names}", server_id=self.server_id,
                  names=", ".join(self.dispatcher.handlers))
@@ -194,12 +199,15 @@ class CallmeServerService(Service):
     def _lost(self, error: CallmeError) -> None:
         self._consumer = None
         self._replies = None
+        self._acker = None
 
     # -- one request -------------------------------------------------------------
 
-    def _request(self, channel: Channel, delivery: Delivery) -> None:
+    def _request(self, acker: Acker, delivery: Delivery) -> None:
+        tag = delivery.delivery_tag
+        acker.received(tag)
         if self._stopping:
-            channel.reject(delivery.delivery_tag, requeue=True)
+            acker.reject(tag, requeue=True)
             return
         props = delivery.properties
         reply_to = props.get("reply_to")
@@ -211,26 +219,26 @@ class CallmeServerService(Service):
                      corr=corr, reply_to=reply_to, error=e)
             if reply_to:
                 body = _wire.encode_error(self.serializer, _wire.error_description(e, False))
-                self._reply(channel, delivery, reply_to, corr, body)
+                self._reply(acker, tag, reply_to, corr, body)
             else:
-                channel.ack(delivery.delivery_tag)
+                acker.ack(tag)
             return
         if not reply_to:
             log.warn("request {method!r} has no reply_to: not run", method=request.method)
-            channel.ack(delivery.delivery_tag)
+            acker.ack(tag)
             return
         if request.deadline is not None and time.time() > request.deadline:
             log.info("request {method!r} expired before it started: not run",
                      method=request.method)
-            channel.ack(delivery.delivery_tag)
+            acker.ack(tag)
             return
         if self.ack == "on_receipt":
-            channel.ack(delivery.delivery_tag)
+            acker.ack(tag)
         self._in_flight += 1
         d = self.dispatcher.dispatch(request, lambda: CallContext(
             self.server_id, request.method, corr, reply_to, delivery.redelivered,
             request.deadline))
-        d.addCallback(lambda body: self._reply(channel, delivery, reply_to, corr, body))
+        d.addCallback(lambda body: self._reply(acker, tag, reply_to, corr, body))
         d.addErrback(lambda f: log.failure("dispatch failed", f))
         d.addBoth(self._finished)
 
@@ -246,7 +254,7 @@ class CallmeServerService(Service):
                                  f"reads {self.serializer.content_type!r}")
         return _wire.decode_request(self.serializer, delivery.body)
 
-    def _reply(self, channel: Channel, delivery: Delivery, reply_to: str, corr: Any,
+    def _reply(self, acker: Acker, tag: int, reply_to: str, corr: Any,
                body: bytes) -> Deferred[None]:
         props: dict[str, Any] = {"content_type": self.serializer.content_type}
         if corr is not None:
@@ -262,7 +270,7 @@ class CallmeServerService(Service):
 
         d.addErrback(failed)
         if self.ack == "after_reply":
-            d.addCallback(lambda _: channel.ack(delivery.delivery_tag))
+            d.addCallback(lambda _: acker.ack(tag))
         return d
 
     def _finished(self, _: Any) -> None:
