@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from _brokerctl import RawClient
+from _brokerctl import RawClient, ctl
 from conftest import new_server_id, sleep, track_proxy
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from twisted.internet.defer import CancelledError, Deferred
 
 import txcallme
@@ -197,3 +197,32 @@ async def test_stop_does_not_wait_forever_for_a_stuck_call() -> None:
     finally:
         never.callback(None)
         await proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_at_most_once_answers_bad_requests_once() -> None:
+    """ack='on_receipt': a malformed request is answered once and not redelivered."""
+    sid = new_server_id()
+    svc = await _server(sid, ack="on_receipt")
+    svc.register_function(lambda: 1, "one")
+    client = await RawClient().open()
+    try:
+        client.send(sid, b"not json", reply_to=client.exchange, correlation_id="bad",
+                    content_type="application/json")
+        reply = await client.next_reply()
+        assert json.loads(reply.body)["error"]["type"] == "txcallme.errors.InvalidRequest"
+        await sleep(0.3)
+        queue = txcallme._wire.server_queue(sid)
+        assert await client.message_count(queue) == 0
+        listing = await threads.deferToThread(
+            ctl, "list_queues", "-q", "name", "messages_unacknowledged")
+        assert f"{queue}\t0" in listing.splitlines(), listing  # acked, not just delivered
+        assert client.take_all() == []
+        proxy = track_proxy(txcallme.Proxy(timeout=5, reactor=reactor))
+        try:
+            assert await proxy.call(sid, "one") == 1  # the channel is still fine
+        finally:
+            await proxy.close()
+    finally:
+        await client.close()
+        await svc.stopService()

@@ -209,6 +209,8 @@ class CallmeServerService(Service):
         if self._stopping:
             acker.reject(tag, requeue=True)
             return
+        if self.ack == "on_receipt":
+            acker.ack(tag)
         props = delivery.properties
         reply_to = props.get("reply_to")
         corr = props.get("correlation_id")
@@ -221,19 +223,17 @@ class CallmeServerService(Service):
                 body = _wire.encode_error(self.serializer, _wire.error_description(e, False))
                 self._reply(acker, tag, reply_to, corr, body)
             else:
-                acker.ack(tag)
+                self._done(acker, tag)
             return
         if not reply_to:
             log.warn("request {method!r} has no reply_to: not run", method=request.method)
-            acker.ack(tag)
+            self._done(acker, tag)
             return
         if request.deadline is not None and time.time() > request.deadline:
             log.info("request {method!r} expired before it started: not run",
                      method=request.method)
-            acker.ack(tag)
+            self._done(acker, tag)
             return
-        if self.ack == "on_receipt":
-            acker.ack(tag)
         self._in_flight += 1
         d = self.dispatcher.dispatch(request, lambda: CallContext(
             self.server_id, request.method, corr, reply_to, delivery.redelivered,
@@ -241,6 +241,11 @@ class CallmeServerService(Service):
         d.addCallback(lambda body: self._reply(acker, tag, reply_to, corr, body))
         d.addErrback(lambda f: log.failure("dispatch failed", f))
         d.addBoth(self._finished)
+
+    def _done(self, acker: Acker, tag: int) -> None:
+        """The request is dealt with: ack it (if not already acked on receipt)."""
+        if self.ack == "after_reply":
+            acker.ack(tag)
 
     def _decode(self, delivery: Delivery) -> _wire.Request:
         if delivery.problem:
@@ -269,8 +274,7 @@ class CallmeServerService(Service):
                      error=reason.value)
 
         d.addErrback(failed)
-        if self.ack == "after_reply":
-            d.addCallback(lambda _: acker.ack(tag))
+        d.addCallback(lambda _: self._done(acker, tag))
         return d
 
     def _finished(self, _: Any) -> None:
