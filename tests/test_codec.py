@@ -16,7 +16,7 @@ from pamqp import encode as pencode
 from pamqp import frame as pframe
 from pamqp import header as pheader
 
-from txcallme import _codec, _frames
+from txcallme import _codec, _frames, _properties
 from txcallme._amqp import load_spec
 from txcallme._codec import DecodeError
 
@@ -394,8 +394,8 @@ ALL_PROPS = {
 def test_properties_round_trip_all_fields(props_fields: Any) -> None:
     """All fourteen basic properties encode and decode back unchanged."""
     assert [name for name, _ in props_fields] == list(ALL_PROPS)
-    encoded = _codec.encode_properties(props_fields, ALL_PROPS)
-    assert _codec.decode_properties(props_fields, _codec._Reader(encoded)) == ALL_PROPS
+    encoded = _properties.encode_properties(props_fields, ALL_PROPS)
+    assert _properties.decode_properties(props_fields, _codec._Reader(encoded)) == ALL_PROPS
 
 
 @pytest.mark.parametrize(
@@ -404,35 +404,35 @@ def test_properties_round_trip_all_fields(props_fields: Any) -> None:
 )
 def test_properties_round_trip_subsets(props_fields: Any, props: dict[str, Any]) -> None:
     """Any subset of properties round-trips and absent ones stay absent."""
-    encoded = _codec.encode_properties(props_fields, props)
-    assert _codec.decode_properties(props_fields, _codec._Reader(encoded)) == props
+    encoded = _properties.encode_properties(props_fields, props)
+    assert _properties.decode_properties(props_fields, _codec._Reader(encoded)) == props
 
 
 def test_property_flags_bit_order(props_fields: Any) -> None:
     """content-type is the top flag bit and the flags word has no continuation bit."""
-    assert _codec.encode_properties(props_fields, {"content_type": "a"}) == b"\x80\x00\x01a"
-    assert _codec.encode_properties(props_fields, {}) == b"\x00\x00"
+    assert _properties.encode_properties(props_fields, {"content_type": "a"}) == b"\x80\x00\x01a"
+    assert _properties.encode_properties(props_fields, {}) == b"\x00\x00"
 
 
 def test_more_than_fifteen_properties_use_a_continuation_word() -> None:
     """A sixteenth property goes into a second flags word, flagged by bit 0 of the first."""
     fields = [(f"p{i}", "octet") for i in range(16)]
-    encoded = _codec.encode_properties(fields, {"p0": 1, "p15": 2})
+    encoded = _properties.encode_properties(fields, {"p0": 1, "p15": 2})
     assert encoded == b"\x80\x01" + b"\x80\x00" + b"\x01\x02"
-    assert _codec.decode_properties(fields, _codec._Reader(encoded)) == {"p0": 1, "p15": 2}
+    assert _properties.decode_properties(fields, _codec._Reader(encoded)) == {"p0": 1, "p15": 2}
 
 
 def test_truncated_properties_raise_decode_error(props_fields: Any) -> None:
     """Properties cut short raise DecodeError."""
-    encoded = _codec.encode_properties(props_fields, ALL_PROPS)
+    encoded = _properties.encode_properties(props_fields, ALL_PROPS)
     for cut in range(len(encoded)):
         with pytest.raises(DecodeError):
-            _codec.decode_properties(props_fields, _codec._Reader(encoded[:cut]))
+            _properties.decode_properties(props_fields, _codec._Reader(encoded[:cut]))
 
 
 def test_content_header_decodes(props_fields: Any) -> None:
     """decode_content_header returns class id, body size and properties."""
-    payload = struct.pack(">HHQ", 60, 0, 12345) + _codec.encode_properties(
+    payload = struct.pack(">HHQ", 60, 0, 12345) + _properties.encode_properties(
         props_fields, {"correlation_id": "c"}
     )
     assert _frames.decode_content_header(payload, props_fields) == (
@@ -602,7 +602,8 @@ def test_content_header_matches_pamqp(props_fields: Any) -> None:
     ours = _frames.frame(
         2,
         5,
-        struct.pack(">HHQ", 60, 0, body_size) + _codec.encode_properties(props_fields, ours_props),
+        struct.pack(">HHQ", 60, 0, body_size)
+        + _properties.encode_properties(props_fields, ours_props),
     )
     theirs_props = commands.Basic.Properties(
         content_type="application/json",
@@ -626,7 +627,7 @@ def test_content_frames_match_pamqp(props_fields: Any) -> None:
     """Header plus body frames for a small body match pamqp's header and body frames."""
     body = b"hello \xe2\x98\x83"
     ours = _frames.content_frames(
-        1, 60, body, _codec.encode_properties(props_fields, {"reply_to": "r"}), 131072
+        1, 60, body, _properties.encode_properties(props_fields, {"reply_to": "r"}), 131072
     )
     theirs = pframe.marshal(
         pheader.ContentHeader(0, len(body), commands.Basic.Properties(reply_to="r")), 1

@@ -29,7 +29,7 @@ from txamqp.factory import AMQFactory
 from txamqp.message import Message
 from txamqp.protocol import AMQClient
 
-from txcallme import _codec, _frames
+from txcallme import _codec, _frames, _properties
 from txcallme._channel import Channel, Connection, Delivery, Returned
 from txcallme._params import ConnectionParams
 from txcallme._version import __version__
@@ -259,7 +259,7 @@ class Protocol(AMQClient):
             args = _codec.encode_arguments(self.spec.txcallme_types[method], payload.args)
             return _frames.method_frame(frame.channel, method.klass.id, method.id, args)
         if isinstance(payload, Header):
-            props = _codec.encode_properties(self.spec.txcallme_raw_props, payload.properties)
+            props = _properties.encode_properties(self.spec.txcallme_raw_props, payload.properties)
             return _frames.frame(_frames.FRAME_HEADER, frame.channel,
                                 _frames.CONTENT_HEAD.pack(payload.klass.id, 0, payload.size)
                                 + props)

@@ -16,7 +16,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from txcallme import _codec, _frames
+from txcallme import _codec, _frames, _properties
 from txcallme.errors import BrokerConnectionLost, CallmeError, channel_error
 
 log = Logger(namespace="callme.connection")
@@ -166,7 +166,7 @@ class Channel:
         ch = self.id
         args = (b"\x00\x00" + _codec.encode_shortstr(exchange)
                 + _codec.encode_shortstr(routing_key) + (b"\x01" if mandatory else b"\x00"))
-        props = _codec.encode_properties(self._proto.spec.txcallme_props, properties)
+        props = _properties.encode_properties(self._proto.spec.txcallme_props, properties)
         self._proto.write(_frames.method_frame(ch, 60, 40, args)
                           + _frames.content_frames(ch, 60, body, props, self._proto.MAX_LENGTH))
         if self.confirming:

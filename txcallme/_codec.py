@@ -1,5 +1,6 @@
 """AMQP 0-9-1 binary encoding: field values, field tables, method arguments
-and content-header properties (frames are in :mod:`txcallme._frames`).
+(content-header properties are in :mod:`txcallme._properties`, frames in
+:mod:`txcallme._frames`).
 
 Pure functions over ``bytes``; no txamqp here. txamqp 0.8.2's own codec
 decodes only four field-table value types (a message from another client with
@@ -299,64 +300,3 @@ def decode_arguments(types: Sequence[str], data: bytes, pos: int = 0) -> tuple[A
         nbits = 8
         values.append(_SIMPLE_DECODERS[kind](reader))
     return tuple(values)
-
-
-# --- content headers --------------------------------------------------------
-
-
-class _PropertyLayout:
-    """Flag bit positions and codecs of one class's properties, computed once."""
-
-    def __init__(self, fields: Sequence[tuple[str, str]]) -> None:
-        self.fields = tuple(fields)
-        self.words = max(1, -(-len(self.fields) // 15))
-        # name -> (word index, bit mask, position, encoder)
-        self.by_name = {
-            name: (index // 15, 1 << (15 - index % 15), index, _SIMPLE_ENCODERS[kind])
-            for index, (name, kind) in enumerate(self.fields)
-        }
-        self.decoders = [(name, _Reader.shortstr if kind == "shortstr"
-                          else _SIMPLE_DECODERS[kind]) for name, kind in self.fields]
-
-
-_LAYOUTS: dict[int, tuple[Sequence[tuple[str, str]], _PropertyLayout]] = {}
-
-
-def _layout(fields: Sequence[tuple[str, str]]) -> _PropertyLayout:
-    cached = _LAYOUTS.get(id(fields))
-    if cached is None or cached[0] is not fields:
-        cached = _LAYOUTS[id(fields)] = (fields, _PropertyLayout(fields))
-    return cached[1]
-
-
-def encode_properties(fields: Sequence[tuple[str, str]], properties: dict[str, Any]) -> bytes:
-    """Encode property flags and values for *fields* (name, type) in order."""
-    layout = _layout(fields)
-    by_name = layout.by_name
-    words = [0] * layout.words
-    present = []
-    for name, value in properties.items():
-        if value is not None:
-            word, mask, position, encoder = by_name[name]
-            words[word] |= mask
-            present.append((position, encoder(value)))
-    present.sort()
-    for i in range(layout.words - 1):
-        words[i] |= 1  # another flag word follows
-    return b"".join(_H.pack(w) for w in words) + b"".join(v for _, v in present)
-
-
-def decode_properties(fields: Sequence[tuple[str, str]], reader: _Reader) -> dict[str, Any]:
-    decoders = _layout(fields).decoders
-    words = [reader.unpack(_H)]
-    while words[-1] & 1:  # all flag words come before the values
-        words.append(reader.unpack(_H))
-    props: dict[str, Any] = {}
-    for index, word in enumerate(words):
-        if word & 0xFFFE:
-            base = 15 * index
-            for bit in range(15):
-                if word & (0x8000 >> bit) and base + bit < len(decoders):
-                    name, decode = decoders[base + bit]
-                    props[name] = decode(reader)
-    return props

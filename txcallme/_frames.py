@@ -7,7 +7,8 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from txcallme._codec import DecodeError, _Reader, decode_properties
+from txcallme._codec import DecodeError, _Reader
+from txcallme._properties import decode_properties
 
 FRAME_METHOD = 1
 FRAME_HEADER = 2
