@@ -127,10 +127,11 @@ class Proxy:
         timeout = self.timeout if timeout is None else timeout
         if timeout <= 0:
             return fail(ValueError("timeout must be positive"))
-        try:
-            _wire.check_server_id(server_id)
-        except ValueError as e:
-            return fail(e)
+        if server_id not in self._destinations:  # known destinations were checked
+            try:
+                _wire.check_server_id(server_id)
+            except ValueError as e:
+                return fail(e)
         now = self._reactor.seconds()
         deadline = now + timeout
         try:
