@@ -16,8 +16,9 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 
-from txcallme import _amqp, _wire, connection_params
-from txcallme._channel import Channel, Connection, Delivery
+from txcallme import _wire, connection_params
+from txcallme.amqp import session as _amqp
+from txcallme.amqp.channel import Channel, Connection, Delivery
 
 BROKER_HOST = "127.0.0.1"
 CTL_TIMEOUT = 60

@@ -20,7 +20,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
-from txcallme import CallmeServerService, Proxy, _amqp, connection_params
+from txcallme import CallmeServerService, Proxy, connection_params
+from txcallme.amqp import session as _amqp
 
 BROKER_HOST = "127.0.0.1"
 BROKER_PORT = 5672

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from txcallme._acks import Acker
+from txcallme.amqp.acks import Acker
 
 
 class FakeChannel:

@@ -1,4 +1,4 @@
-"""Unit tests for txcallme._codec: field tables, method arguments, content
+"""Unit tests for txcallme.amqp.codec: field tables, method arguments, content
 headers and frames, with the bytes on the wire pinned against pamqp."""
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from pamqp import encode as pencode
 from pamqp import frame as pframe
 from pamqp import header as pheader
 
-from txcallme import _codec, _frames, _properties
-from txcallme._amqp import load_spec
-from txcallme._codec import DecodeError
+from txcallme.amqp import codec as _codec
+from txcallme.amqp import frames as _frames
+from txcallme.amqp import properties as _properties
+from txcallme.amqp.codec import DecodeError
+from txcallme.amqp.protocol import load_spec
 
 UTC = datetime.timezone.utc
 
@@ -395,7 +397,7 @@ def test_properties_round_trip_all_fields(props_fields: Any) -> None:
     """All fourteen basic properties encode and decode back unchanged."""
     assert [name for name, _ in props_fields] == list(ALL_PROPS)
     encoded = _properties.encode_properties(props_fields, ALL_PROPS)
-    assert _properties.decode_properties(props_fields, _codec._Reader(encoded)) == ALL_PROPS
+    assert _properties.decode_properties(props_fields, _codec.Reader(encoded)) == ALL_PROPS
 
 
 @pytest.mark.parametrize(
@@ -405,7 +407,7 @@ def test_properties_round_trip_all_fields(props_fields: Any) -> None:
 def test_properties_round_trip_subsets(props_fields: Any, props: dict[str, Any]) -> None:
     """Any subset of properties round-trips and absent ones stay absent."""
     encoded = _properties.encode_properties(props_fields, props)
-    assert _properties.decode_properties(props_fields, _codec._Reader(encoded)) == props
+    assert _properties.decode_properties(props_fields, _codec.Reader(encoded)) == props
 
 
 def test_property_flags_bit_order(props_fields: Any) -> None:
@@ -419,7 +421,7 @@ def test_more_than_fifteen_properties_use_a_continuation_word() -> None:
     fields = [(f"p{i}", "octet") for i in range(16)]
     encoded = _properties.encode_properties(fields, {"p0": 1, "p15": 2})
     assert encoded == b"\x80\x01" + b"\x80\x00" + b"\x01\x02"
-    assert _properties.decode_properties(fields, _codec._Reader(encoded)) == {"p0": 1, "p15": 2}
+    assert _properties.decode_properties(fields, _codec.Reader(encoded)) == {"p0": 1, "p15": 2}
 
 
 def test_truncated_properties_raise_decode_error(props_fields: Any) -> None:
@@ -427,7 +429,7 @@ def test_truncated_properties_raise_decode_error(props_fields: Any) -> None:
     encoded = _properties.encode_properties(props_fields, ALL_PROPS)
     for cut in range(len(encoded)):
         with pytest.raises(DecodeError):
-            _properties.decode_properties(props_fields, _codec._Reader(encoded[:cut]))
+            _properties.decode_properties(props_fields, _codec.Reader(encoded[:cut]))
 
 
 def test_content_header_decodes(props_fields: Any) -> None:

@@ -33,7 +33,7 @@ def test_wheel_contents(wheel: Path) -> None:
     assert "twisted/plugins/callme_plugin.py" in names
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
-    assert "txcallme/amqp0-9-1.xml" in names
+    assert "txcallme/amqp/amqp0-9-1.xml" in names
     assert "txcallme/py.typed" in names
     assert not any(n.startswith(("tests/", "benchmarks/", "examples/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -1,4 +1,4 @@
-"""Unit tests for txcallme._params: AMQP URIs (RabbitMQ's URI spec) and
+"""Unit tests for txcallme.amqp.params: AMQP URIs (RabbitMQ's URI spec) and
 callme-style connection arguments."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from txcallme._params import (
+from txcallme.amqp.params import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HEARTBEAT,
     ConnectionParams,

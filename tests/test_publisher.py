@@ -1,4 +1,4 @@
-"""Unit tests for txcallme._publisher.ConfirmedPublisher, driven by a fake channel."""
+"""Unit tests for txcallme.amqp.publisher.ConfirmedPublisher, driven by a fake channel."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from txcallme._channel import Returned
-from txcallme._publisher import ConfirmedPublisher
+from txcallme.amqp.channel import Returned
+from txcallme.amqp.publisher import ConfirmedPublisher
 from txcallme.errors import (
     AccessRefused,
     BrokerConnectionLost,
@@ -23,7 +23,7 @@ NOT_FOUND_TEXT = "NOT_FOUND - no exchange 'bad_ex' in vhost '/'"
 
 
 class FakeChannel:
-    """The part of txcallme._channel.Channel that ConfirmedPublisher uses."""
+    """The part of txcallme.amqp.channel.Channel that ConfirmedPublisher uses."""
 
     def __init__(self, number: int) -> None:
         self.number = number

@@ -6,7 +6,7 @@ import pytest
 from pamqp import commands, constants, exceptions
 from txamqp import spec as txspec
 
-SPEC_PATH = Path(__file__).parent.parent / "txcallme" / "amqp0-9-1.xml"
+SPEC_PATH = Path(__file__).parent.parent / "txcallme" / "amqp" / "amqp0-9-1.xml"
 
 # pamqp renames a few AMQP field names that collide with Python names.
 # Keyed by (pamqp class name, pamqp attribute) -> AMQP field name.

@@ -1,7 +1,7 @@
 """txcallme: RPC over AMQP for Twisted, the event-driven successor of callme."""
 
-from txcallme._params import ConnectionParams, TLSSettings, connection_params
 from txcallme._version import __version__
+from txcallme.amqp import ConnectionParams, TLSSettings, connection_params
 from txcallme.errors import (
     AccessRefused,
     AuthenticationError,

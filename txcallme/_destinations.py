@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from txcallme._channel import Channel, Connection, Returned
+from txcallme.amqp import Channel, Connection, Returned
 from txcallme.errors import CallmeError
 
 

@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.python import threadable
 
 from txcallme import _wire
-from txcallme._params import ConnectionParams, TLSSettings
+from txcallme.amqp import ConnectionParams, TLSSettings
 from txcallme.errors import ProxyClosed, RemoteErrorRegistry, RpcTimeout
 from txcallme.proxy import Proxy as AsyncProxy
 from txcallme.proxy import ServerProxy

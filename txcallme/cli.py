@@ -42,7 +42,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python import usage
 
 from txcallme import _introspect, tap
-from txcallme._params import connection_params
+from txcallme.amqp import connection_params
 from txcallme.errors import (
     AccessRefused,
     AuthenticationError,

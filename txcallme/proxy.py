@@ -21,11 +21,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txcallme import _wire
-from txcallme._channel import Connection, Delivery
 from txcallme._deadlines import Deadlines
 from txcallme._destinations import Destination
-from txcallme._params import ConnectionParams, TLSSettings, connection_params
-from txcallme._session import Session
+from txcallme.amqp import (
+    Connection,
+    ConnectionParams,
+    Delivery,
+    Session,
+    TLSSettings,
+    connection_params,
+)
 from txcallme.errors import (
     CallmeError,
     InvalidRequest,

@@ -19,11 +19,17 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from txcallme import _introspect, _wire
-from txcallme._acks import Acker
-from txcallme._channel import Channel, Connection, Delivery
-from txcallme._params import ConnectionParams, TLSSettings, connection_params
-from txcallme._publisher import ConfirmedPublisher
-from txcallme._session import Session
+from txcallme.amqp import (
+    Acker,
+    Channel,
+    ConfirmedPublisher,
+    Connection,
+    ConnectionParams,
+    Delivery,
+    Session,
+    TLSSettings,
+    connection_params,
+)
 from txcallme.errors import CallmeError, InvalidRequest, PayloadTooLarge
 from txcallme.serializers import JSON, Serializer
 from txcallme.server import CallContext, Dispatcher

@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from txcallme._params import TLSSettings, connection_params
+from txcallme.amqp import TLSSettings, connection_params
 from txcallme.service import CallmeServerService
 
 

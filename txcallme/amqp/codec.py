@@ -1,11 +1,11 @@
 """AMQP 0-9-1 binary encoding: field values, field tables, method arguments
-(content-header properties are in :mod:`txcallme._properties`, frames in
-:mod:`txcallme._frames`).
+(content-header properties are in :mod:`txcallme.amqp.properties`, frames in
+:mod:`txcallme.amqp.frames`).
 
 Pure functions over ``bytes``; no txamqp here. txamqp 0.8.2's own codec
 decodes only four field-table value types (a message from another client with
 an array in its headers kills the connection) and encodes only two, so the
-connection layer (:mod:`txcallme._amqp`) uses this module for every frame.
+connection layer (:mod:`txcallme.amqp.protocol`) uses this module for every frame.
 
 Table values follow RabbitMQ's 0-9-1 type letters (the errata to the spec).
 """
@@ -106,7 +106,7 @@ def encode_table(table: dict[str, Any] | None) -> bytes:
     return _I.pack(len(body)) + body
 
 
-class _Reader:
+class Reader:
     """A cursor over a bytes buffer; every read checks bounds."""
 
     __slots__ = ("data", "pos", "end")
@@ -173,7 +173,7 @@ class _Reader:
         return reader(self, depth)
 
 
-def _longstr_value(r: _Reader, depth: int) -> Any:
+def _longstr_value(r: Reader, depth: int) -> Any:
     raw = r.longbytes()
     try:
         return raw.decode("utf-8")
@@ -181,12 +181,12 @@ def _longstr_value(r: _Reader, depth: int) -> Any:
         return raw
 
 
-def _decimal_value(r: _Reader, depth: int) -> decimal.Decimal:
+def _decimal_value(r: Reader, depth: int) -> decimal.Decimal:
     scale = r.unpack(_B)
     return decimal.Decimal(r.unpack(_i)).scaleb(-scale)
 
 
-def _timestamp_value(r: _Reader, depth: int) -> datetime.datetime:
+def _timestamp_value(r: Reader, depth: int) -> datetime.datetime:
     seconds = r.unpack(_Q)
     try:
         return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
@@ -194,7 +194,7 @@ def _timestamp_value(r: _Reader, depth: int) -> datetime.datetime:
         raise DecodeError(f"timestamp out of range: {seconds}") from None
 
 
-_VALUE_READERS: dict[bytes, Callable[[_Reader, int], Any]] = {
+_VALUE_READERS: dict[bytes, Callable[[Reader, int], Any]] = {
     b"t": lambda r, d: r.unpack(_B) != 0,
     b"b": lambda r, d: r.unpack(_b),
     b"B": lambda r, d: r.unpack(_B),
@@ -218,7 +218,7 @@ _VALUE_READERS: dict[bytes, Callable[[_Reader, int], Any]] = {
 
 def decode_table(data: bytes) -> dict[str, Any]:
     """Decode one field table that fills *data* (length prefix included)."""
-    reader = _Reader(data)
+    reader = Reader(data)
     table = reader.table()
     if reader.pos != len(data):
         raise DecodeError("trailing bytes after field table")
@@ -227,7 +227,7 @@ def decode_table(data: bytes) -> dict[str, Any]:
 
 # --- method arguments -------------------------------------------------------
 
-_SIMPLE_ENCODERS: dict[str, Callable[[Any], bytes]] = {
+SIMPLE_ENCODERS: dict[str, Callable[[Any], bytes]] = {
     "octet": _B.pack,
     "short": _H.pack,
     "long": _I.pack,
@@ -238,15 +238,15 @@ _SIMPLE_ENCODERS: dict[str, Callable[[Any], bytes]] = {
     "table": encode_table,
 }
 
-_SIMPLE_DECODERS: dict[str, Callable[[_Reader], Any]] = {
+SIMPLE_DECODERS: dict[str, Callable[[Reader], Any]] = {
     "octet": lambda r: r.unpack(_B),
     "short": lambda r: r.unpack(_H),
     "long": lambda r: r.unpack(_I),
     "longlong": lambda r: r.unpack(_Q),
     "timestamp": lambda r: r.unpack(_Q),
-    "shortstr": _Reader.shortstr,
-    "longstr": _Reader.longbytes,
-    "table": _Reader.table,
+    "shortstr": Reader.shortstr,
+    "longstr": Reader.longbytes,
+    "table": Reader.table,
 }
 
 
@@ -269,7 +269,7 @@ def encode_arguments(types: Sequence[str], values: Sequence[Any]) -> bytes:
         if nbits:
             out.append(_B.pack(bits))
             bits = nbits = 0
-        encoder = _SIMPLE_ENCODERS[kind]
+        encoder = SIMPLE_ENCODERS[kind]
         out.append(encoder(value if value is not None else _default(kind)))
     if nbits:
         out.append(_B.pack(bits))
@@ -285,7 +285,7 @@ def _default(kind: str) -> Any:
 
 
 def decode_arguments(types: Sequence[str], data: bytes, pos: int = 0) -> tuple[Any, ...]:
-    reader = _Reader(data, pos)
+    reader = Reader(data, pos)
     values: list[Any] = []
     bits = 0
     nbits = 8
@@ -298,5 +298,5 @@ def decode_arguments(types: Sequence[str], data: bytes, pos: int = 0) -> tuple[A
             nbits += 1
             continue
         nbits = 8
-        values.append(_SIMPLE_DECODERS[kind](reader))
+        values.append(SIMPLE_DECODERS[kind](reader))
     return tuple(values)

@@ -18,11 +18,11 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txcallme._amqp import ProtocolFactory
-from txcallme._channel import Connection
-from txcallme._endpoint import BrokerEndpoint
-from txcallme._handshake import handshake
-from txcallme._params import ConnectionParams
+from txcallme.amqp.channel import Connection
+from txcallme.amqp.endpoint import BrokerEndpoint
+from txcallme.amqp.handshake import handshake
+from txcallme.amqp.params import ConnectionParams
+from txcallme.amqp.protocol import ProtocolFactory
 from txcallme.errors import CallmeError
 
 
@@ -165,3 +165,17 @@ class Session:
             self._log.warn("{name}: lost the broker connection; reconnecting", name=self._name)
             self._retry = self._reactor.callLater(backoff(1, initial=0.1), self._connect)
         self._lost(error)
+
+
+def connect(reactor: Any, params: ConnectionParams) -> Deferred[Connection]:
+    """Connect once (no reconnection): fires with a :class:`Connection`.
+
+    Fails with BrokerUnreachable, AuthenticationError or TLSError.
+    """
+    async def run() -> Connection:
+        endpoint = BrokerEndpoint(reactor, params)
+        proto = await endpoint.connect(ProtocolFactory(params, reactor))
+        proto.transport.addr_for_errors = endpoint.last_address
+        return await handshake(proto)
+
+    return Deferred.fromCoroutine(run())

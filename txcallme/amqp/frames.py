@@ -7,8 +7,8 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from txcallme._codec import DecodeError, _Reader
-from txcallme._properties import decode_properties
+from txcallme.amqp.codec import DecodeError, Reader
+from txcallme.amqp.properties import decode_properties
 
 FRAME_METHOD = 1
 FRAME_HEADER = 2
@@ -74,7 +74,7 @@ def decode_content_header(
     payload: bytes, fields: Sequence[tuple[str, str]]
 ) -> tuple[int, int, dict[str, Any]]:
     """(class id, body size, properties) of a content header frame payload."""
-    reader = _Reader(payload)
+    reader = Reader(payload)
     class_id = reader.unpack(_H)
     reader.unpack(_H)  # weight, always 0
     size = reader.unpack(_Q)
@@ -83,7 +83,7 @@ def decode_content_header(
 
 def decode_content_header_size(payload: bytes) -> tuple[int, int]:
     """(class id, body size): what is needed to keep framing when properties are bad."""
-    reader = _Reader(payload)
+    reader = Reader(payload)
     class_id = reader.unpack(_H)
     reader.unpack(_H)
     return class_id, reader.unpack(_Q)

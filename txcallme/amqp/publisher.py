@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txcallme._channel import Channel, Returned
+from txcallme.amqp.channel import Channel, Returned
 from txcallme.errors import BrokerConnectionLost, CallmeError, ChannelError, Unroutable
 
 log = Logger(namespace="callme.connection")

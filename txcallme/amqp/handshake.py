@@ -8,8 +8,8 @@ from typing import Any
 from OpenSSL import SSL
 from service_identity.exceptions import CertificateError, VerificationError
 
-from txcallme._amqp import Closed, Protocol
-from txcallme._channel import Connection
+from txcallme.amqp.channel import Connection
+from txcallme.amqp.protocol import Closed, Protocol
 from txcallme.errors import (
     AuthenticationError,
     BrokerConnectionLost,

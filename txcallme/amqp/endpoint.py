@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txcallme._params import ConnectionParams, TLSSettings
+from txcallme.amqp.params import ConnectionParams, TLSSettings
 from txcallme.errors import BrokerUnreachable, TLSError
 
 log = Logger(namespace="callme.connection")

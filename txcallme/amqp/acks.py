@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from txcallme._channel import Channel
+from txcallme.amqp.channel import Channel
 
 
 class Acker:

@@ -7,7 +7,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from txcallme._codec import _SIMPLE_DECODERS, _SIMPLE_ENCODERS, _Reader
+from txcallme.amqp.codec import SIMPLE_DECODERS, SIMPLE_ENCODERS, Reader
 
 _H = struct.Struct(">H")
 
@@ -20,11 +20,11 @@ class _PropertyLayout:
         self.words = max(1, -(-len(self.fields) // 15))
         # name -> (word index, bit mask, position, encoder)
         self.by_name = {
-            name: (index // 15, 1 << (15 - index % 15), index, _SIMPLE_ENCODERS[kind])
+            name: (index // 15, 1 << (15 - index % 15), index, SIMPLE_ENCODERS[kind])
             for index, (name, kind) in enumerate(self.fields)
         }
-        self.decoders = [(name, _Reader.shortstr if kind == "shortstr"
-                          else _SIMPLE_DECODERS[kind]) for name, kind in self.fields]
+        self.decoders = [(name, Reader.shortstr if kind == "shortstr"
+                          else SIMPLE_DECODERS[kind]) for name, kind in self.fields]
 
 
 _LAYOUTS: dict[int, tuple[Sequence[tuple[str, str]], _PropertyLayout]] = {}
@@ -54,7 +54,7 @@ def encode_properties(fields: Sequence[tuple[str, str]], properties: dict[str, A
     return b"".join(_H.pack(w) for w in words) + b"".join(v for _, v in present)
 
 
-def decode_properties(fields: Sequence[tuple[str, str]], reader: _Reader) -> dict[str, Any]:
+def decode_properties(fields: Sequence[tuple[str, str]], reader: Reader) -> dict[str, Any]:
     decoders = _layout(fields).decoders
     words = [reader.unpack(_H)]
     while words[-1] & 1:  # all flag words come before the values

@@ -2,7 +2,7 @@
 
 txamqp supplies the spec model, the channel RPC machinery for control methods
 (declare, bind, qos, consume, close) and the factory. Its per-frame pipeline
-is replaced here: frames are split and decoded by :mod:`txcallme._codec`
+is replaced here: frames are split and decoded by :mod:`txcallme.amqp.codec`
 (every field-table type, bodies always bytes), deliveries, returns and
 publisher confirms are dispatched synchronously to callbacks instead of
 through locks, queues and ``inlineCallbacks``, and publishes and acks are
@@ -17,22 +17,23 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txamqp import spec as txspec
-from txamqp.client import Closed as Closed  # re-exported for _handshake
+from txamqp.client import Closed as Closed  # re-exported for handshake
 from txamqp.client import TwistedDelegate
 from txamqp.connection import Body, Frame, Header, Heartbeat, Method
 from txamqp.factory import AMQFactory
 from txamqp.message import Message
 from txamqp.protocol import AMQClient
 
-from txcallme import _codec, _frames, _properties
-from txcallme._channel import Channel, Connection, Delivery, Returned
-from txcallme._params import ConnectionParams
 from txcallme._version import __version__
+from txcallme.amqp import codec as _codec
+from txcallme.amqp import frames as _frames
+from txcallme.amqp import properties as _properties
+from txcallme.amqp.channel import Channel, Delivery, Returned
+from txcallme.amqp.params import ConnectionParams
 from txcallme.errors import (
     BrokerConnectionLost,
     CallmeError,
@@ -349,20 +350,3 @@ class ProtocolFactory(AMQFactory):
         proto = Protocol(_Delegate(), self.params, self._clock)
         proto.factory = self
         return proto
-
-
-def connect(reactor: Any, params: ConnectionParams) -> Deferred[Connection]:
-    """Connect once (no reconnection): fires with a :class:`Connection`.
-
-    Fails with BrokerUnreachable, AuthenticationError or TLSError.
-    """
-    from txcallme._endpoint import BrokerEndpoint
-    from txcallme._handshake import handshake
-
-    async def run() -> Connection:
-        endpoint = BrokerEndpoint(reactor, params)
-        proto = await endpoint.connect(ProtocolFactory(params, reactor))
-        proto.transport.addr_for_errors = endpoint.last_address
-        return await handshake(proto)
-
-    return Deferred.fromCoroutine(run())

@@ -16,7 +16,9 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from txcallme import _codec, _frames, _properties
+from txcallme.amqp import codec as _codec
+from txcallme.amqp import frames as _frames
+from txcallme.amqp import properties as _properties
 from txcallme.errors import BrokerConnectionLost, CallmeError, channel_error
 
 log = Logger(namespace="callme.connection")
@@ -227,7 +229,7 @@ class Channel:
 
 
 class Connection:
-    """A logged-in AMQP connection (see :func:`txcallme._amqp.connect`)."""
+    """A logged-in AMQP connection (see :func:`txcallme.amqp.session.connect`)."""
 
     def __init__(self, protocol: Any, params: Any) -> None:
         self.protocol = protocol
