@@ -320,3 +320,44 @@ def test_worker_thread_of_a_running_reactor(sid: str, tmp_path: Path) -> None:
                    .Deferred.fromCoroutine(main(reactor)))
     """)
     assert out == "ok\n"
+
+
+def test_constructor_giving_up_leaves_nothing_open(sid: str, tmp_path: Path) -> None:
+    """A constructor that gives up waiting on a busy reactor raises ProxyClosed, and the
+    async Proxy it asked for is closed once the reactor runs it (never left open)."""
+    out = run(tmp_path, sid, """
+        import crochet
+        import txcallme.blocking as blocking
+        from twisted.internet import reactor
+
+        made, closed = [], []
+
+        class Tracked(blocking.AsyncProxy):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                made.append(self)
+
+            def close(self):
+                closed.append(self)
+                return super().close()
+
+        blocking.AsyncProxy = Tracked
+        blocking.WAIT_MARGIN = 0.5
+        crochet.setup()
+        reactor.callFromThread(time.sleep, 2)  # the reactor thread is busy for 2 s
+        try:
+            Proxy(amqp_host=HOST, timeout=10)
+        except txcallme.ProxyClosed as e:
+            assert "did not create the proxy" in str(e), e
+        else:
+            raise AssertionError("no ProxyClosed")
+        time.sleep(3)
+
+        @crochet.wait_for(timeout=5)
+        def check():
+            return len(made), len(closed)
+
+        assert check() == (1, 1), check()
+        print("ok")
+    """, quiet=False)  # closing while connecting logs the cancelled connect attempt
+    assert out == "ok\n"

@@ -243,6 +243,7 @@ def test_timeout_exits_7(server: tuple[str, int]) -> None:
 @pytest.mark.parametrize("argv", [
     [], ["call"], ["call", "x", "add", "--kwargs", "[1]"], ["call", "x", "add", "--timeout", "0"],
     ["--amqp-url", "http://nope", "call", "x", "add"], ["serve", "cliapp"], ["nonsense"],
+    ["call", "a b", "add"], ["ping", ""], ["describe", "x" * 300],
 ])
 def test_usage_errors_exit_2(argv: list[str]) -> None:
     """Bad command lines exit 2 without contacting a server."""
@@ -254,6 +255,47 @@ def test_help_documents_exit_codes() -> None:
     done = callme("--help")
     assert done.returncode == 0
     assert "3 broker unreachable" in done.stdout and "7 timeout" in done.stdout
+    assert "8 other error" in done.stdout and "130 interrupted" in done.stdout
+
+
+def test_invalid_server_id_is_a_usage_error() -> None:
+    """A server id AMQP cannot name exits 2 with the reason, not 8 "unexpected error"."""
+    done = callme("call", "a b", "add")
+    assert done.returncode == cli.EXIT_USAGE
+    assert "without white space" in done.stderr and "unexpected" not in done.stderr
+
+
+def interrupt(args: list[str], ready: str, signum: int, tmp_path: Path,
+              children: Children) -> tuple[int, str]:
+    """Start ``callme -v ARGS``, send *signum* once *ready* is in its output; (status, output)."""
+    log = tmp_path / "callme.log"
+    process = children.start([sys.executable, "-m", "txcallme.cli", "-v", *args], tmp_path, log)
+    wait_for_log(process, log, ready)
+    time.sleep(0.5)  # the request is on its way
+    process.send_signal(signum)
+    status = process.wait(20)
+    return status, log.read_text()
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_call_exits_128_plus_signal(server: tuple[str, int], tmp_path: Path,
+                                                  children: Children, signum: int,
+                                                  code: int) -> None:
+    """Ctrl-C (or SIGTERM) while ``callme call`` waits for a reply exits 130 (143), not 0."""
+    status, output = interrupt(["call", server[0], "slow", "5"], "connected to", signum,
+                               tmp_path, children)
+    assert status == code, output
+    assert output.splitlines()[-1].startswith("callme: interrupted" if code == 130
+                                              else "callme: terminated"), output
+
+
+def test_ctrl_c_during_ping_exits_130(server: tuple[str, int], tmp_path: Path,
+                                      children: Children) -> None:
+    """Ctrl-C during a long ``callme ping`` exits 130 after the replies printed so far."""
+    status, output = interrupt(["ping", server[0], "--count", "100000"], "seq=1 ",
+                               signal.SIGINT, tmp_path, children)
+    assert status == cli.EXIT_INTERRUPTED, output
+    assert "callme: interrupted" in output
 
 
 def test_parse_arg() -> None:

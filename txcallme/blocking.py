@@ -132,14 +132,39 @@ class Proxy:
         self.timeout = timeout
         self._closed = False
         self._lock = threading.Lock()
-        self._proxy: AsyncProxy = _wait(
-            self._create, WAIT_MARGIN, amqp_host, amqp_port, amqp_user, amqp_password,
-            amqp_vhost, timeout, amqp_url=amqp_url, ssl=ssl, params=params,
-            serializer=serializer)
+        # Reactor-thread state of the creation: set by _abandon if this thread
+        # gave up waiting, so a creation that runs late closes what it made.
+        self._abandoned = False
+        self._created: AsyncProxy | None = None
+        try:
+            self._proxy: AsyncProxy = _wait(
+                self._create, WAIT_MARGIN, amqp_host, amqp_port, amqp_user,
+                amqp_password, amqp_vhost, timeout, amqp_url=amqp_url, ssl=ssl,
+                params=params, serializer=serializer)
+        except crochet.TimeoutError:
+            # _create is queued (callFromThread, first in first out) before
+            # _abandon, so _abandon sees whatever _create made and closes it.
+            self._closed = True
+            _reactor().callFromThread(self._abandon)
+            raise ProxyClosed(
+                f"the reactor thread did not create the proxy within {WAIT_MARGIN} s "
+                "(is it blocked?); nothing was left open") from None
 
-    def _create(self, *args: Any, **kwargs: Any) -> AsyncProxy:
+    def _abandon(self) -> None:
+        """In the reactor thread: the constructor gave up; close what it asked for."""
+        self._abandoned = True
+        proxy, self._created = self._created, None
+        if proxy is not None:
+            _reactor().removeSystemEventTrigger(self._trigger)
+            d = proxy.close()
+            d.addTimeout(SHUTDOWN_CLOSE_TIMEOUT, _reactor())
+            d.addErrback(lambda _: None)
+
+    def _create(self, *args: Any, **kwargs: Any) -> AsyncProxy | None:
+        if self._abandoned:  # the constructor gave up already
+            return None
         reactor = _reactor()
-        proxy = AsyncProxy(*args, reactor=reactor, **kwargs)
+        proxy = self._created = AsyncProxy(*args, reactor=reactor, **kwargs)
 
         def close_at_shutdown() -> Deferred[None]:
             d = proxy.close()

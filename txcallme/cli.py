@@ -24,6 +24,7 @@ Exit codes:
     6  no server serves that server id
     7  no reply within the timeout
     8  any other txcallme error (connection lost, TLS, bad reply)
+    130  interrupted (Ctrl-C, SIGINT) before the command finished; 143 for SIGTERM
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -41,7 +43,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python import usage
 
-from txcallme import _introspect, tap
+from txcallme import _introspect, _wire, tap
 from txcallme.amqp import connection_params
 from txcallme.errors import (
     AccessRefused,
@@ -64,10 +66,14 @@ EXIT_ACCESS = 5
 EXIT_NO_SERVER = 6
 EXIT_TIMEOUT = 7
 EXIT_ERROR = 8
+#: 128 + the signal number, as shells report a command killed by a signal.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 EPILOG = """\
 exit codes: 0 ok, 1 remote exception, 2 usage error, 3 broker unreachable,
-4 login refused, 5 access refused, 6 no such server, 7 timeout, 8 other error.
+4 login refused, 5 access refused, 6 no such server, 7 timeout, 8 other error,
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 The broker is --amqp-url, else $CALLME_AMQP_URL, else amqp://guest:guest@localhost (vhost /)."""
 
 log = Logger(namespace="callme.cli")
@@ -93,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     call = commands.add_parser("call", help="call METHOD on SERVER and print the result",
                                epilog=EPILOG,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    call.add_argument("server", metavar="SERVER", help="server id")
+    call.add_argument("server", metavar="SERVER", type=_server_id, help="server id")
     call.add_argument("method", metavar="METHOD", help="function name (dotted names too)")
     call.add_argument("args", metavar="ARGS", nargs="*",
                       help="positional arguments as JSON literals (else strings)")
@@ -105,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     ping = commands.add_parser("ping", help="round-trip times and instances of SERVER",
                                epilog=EPILOG,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    ping.add_argument("server", metavar="SERVER", help="server id")
+    ping.add_argument("server", metavar="SERVER", type=_server_id, help="server id")
     ping.add_argument("--count", "-c", metavar="N", type=int, default=3,
                       help="number of pings (default: 3)")
     ping.add_argument("--timeout", metavar="SECONDS", type=_positive, default=10.0,
@@ -114,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     describe = commands.add_parser("describe", help="list the functions SERVER offers",
                                    epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    describe.add_argument("server", metavar="SERVER", help="server id")
+    describe.add_argument("server", metavar="SERVER", type=_server_id, help="server id")
     describe.add_argument("--timeout", metavar="SECONDS", type=_positive, default=10.0,
                           help="seconds to wait for the reply (default: 10)")
 
@@ -133,6 +139,13 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return value
+
+
+def _server_id(text: str) -> str:
+    try:
+        return _wire.check_server_id(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive(text: str) -> float:
@@ -185,13 +198,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     observers: list[Any] = [textFileLogObserver(sys.stderr)] if args.verbose else []
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
     command = {"call": _call, "ping": _ping, "describe": _describe}[args.command]
-    return _react(lambda reactor: _with_proxy(reactor, proxy_kwargs, command, args))
+    return _react(lambda reactor: _with_proxy(reactor, proxy_kwargs, command, args),
+                  interruptible=True)
 
 
-def _react(main: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
+def _react(main: Callable[[Any], Coroutine[Any, Any, int]], *,
+           interruptible: bool = False) -> int:
+    """Run *main* under ``task.react``; its exit code.
+
+    A signal that stops the reactor before *main* finishes gives 128 + the
+    signal number if *interruptible* (a call cut short is not a success), else
+    0 (``serve``: SIGINT/SIGTERM is how it is meant to stop).
+    """
     codes: list[int] = []
+    signals: list[int] = []
+
+    def note_signals() -> None:
+        # Twisted's handlers stop the reactor; ours note which signal came first.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(signum)
+            if callable(previous):
+                def handler(number: int, frame: Any, previous: Any = previous) -> None:
+                    signals.append(number)
+                    previous(number, frame)
+
+                signal.signal(signum, handler)
 
     def run(reactor: Any) -> Deferred[Any]:
+        reactor.callWhenRunning(note_signals)
         d = Deferred.fromCoroutine(main(reactor))
         d.addCallback(codes.append)
         return d
@@ -201,8 +235,14 @@ def _react(main: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
     except SystemExit as e:
         if e.code:  # main failed unexpectedly (react logged it)
             return EXIT_ERROR
+    if codes:
+        return codes[0]
     # No code: the reactor was stopped (SIGINT/SIGTERM) before main finished.
-    return codes[0] if codes else EXIT_OK
+    if interruptible:
+        if signals and signals[0] == signal.SIGTERM:
+            return _fail(EXIT_TERMINATED, "terminated")
+        return _fail(EXIT_INTERRUPTED, "interrupted")
+    return EXIT_OK
 
 
 async def _with_proxy(reactor: Any, proxy_kwargs: dict[str, Any],
