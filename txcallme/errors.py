@@ -53,6 +53,56 @@ class TLSError(CallmeError):
     """The TLS handshake with the broker failed (certificate, hostname, protocol)."""
 
 
+class BrokerTimeout(CallmeError):
+    """The broker did not answer in time (a connection phase or a control operation)."""
+
+
+class ConnectTimeout(BrokerTimeout, BrokerUnreachable):
+    """Connecting took longer than ``connect_timeout``; :attr:`phase` says where it stopped.
+
+    A :class:`BrokerUnreachable` too, so code (and the CLI exit code) that treats an
+    unreachable broker keeps working.
+
+    :ivar phase: ``"tcp"``, ``"amqp header"``, ``"login"`` (after connection.start)
+        or ``"vhost open"``
+    """
+
+    def __init__(self, host: str, port: int, phase: str, timeout: float) -> None:
+        self.phase = phase
+        self.timeout = timeout
+        BrokerUnreachable.__init__(
+            self, host, port, f"no answer within {timeout:g} s during the {phase} phase")
+
+
+class OperationTimeout(BrokerTimeout):
+    """A control operation (channel open, declare, bind, qos, consume, cancel, close)
+    got no answer within the connection's ``control_timeout``.
+
+    :ivar operation: the AMQP method, e.g. ``"queue.declare"``
+    :ivar timeout: the seconds waited
+    """
+
+    def __init__(self, operation: str, timeout: float, detail: str = "") -> None:
+        self.operation = operation
+        self.timeout = timeout
+        super().__init__(f"{operation} got no answer from the broker within {timeout:g} s"
+                         + (f" ({detail})" if detail else ""))
+
+
+class EncodeError(CallmeError, ValueError):
+    """An operation's arguments cannot be carried by AMQP (e.g. a name over 255 bytes).
+
+    Only that operation fails; the connection and later operations are unaffected.
+
+    :ivar operation: the AMQP method, e.g. ``"queue.declare"``
+    """
+
+    def __init__(self, operation: str, reason: str) -> None:
+        self.operation = operation
+        self.reason = reason
+        super().__init__(f"cannot send {operation}: {reason}")
+
+
 # --- calling ----------------------------------------------------------------
 
 
@@ -116,6 +166,25 @@ class Unroutable(CallmeError):
         self.exchange = exchange
         self.routing_key = routing_key
         super().__init__(f"{text}: nothing bound to {exchange!r} with key {routing_key!r}")
+
+
+class PublishNacked(ChannelError):
+    """The broker nacked a confirmed publish (it could not take the message)."""
+
+    def __init__(self, text: str = "broker nacked the message") -> None:
+        super().__init__(0, text)
+
+
+class PublishLost(BrokerConnectionLost):
+    """A confirmed publish's channel or connection died before the broker confirmed it:
+    the message may or may not have been taken.
+
+    :ivar cause: the channel's or connection's error
+    """
+
+    def __init__(self, cause: CallmeError | None = None, text: str = "") -> None:
+        self.cause = cause
+        super().__init__(text or f"publish not confirmed before its channel closed: {cause}")
 
 
 def channel_error(code: int, text: str) -> ChannelError:
@@ -183,7 +252,7 @@ BUILTIN_REMOTE_TYPES: dict[str, type[BaseException]] = {
     for name in (
         "ArithmeticError AssertionError AttributeError EOFError FloatingPointError "
         "IndexError KeyError LookupError MemoryError NameError NotImplementedError "
-        "OSError OverflowError RecursionError RuntimeError StopIteration TimeoutError "
+        "OSError OverflowError RecursionError RuntimeError TimeoutError "
         "TypeError UnicodeError ValueError ZeroDivisionError PermissionError "
         "FileNotFoundError FileExistsError ConnectionError Exception"
     ).split()
@@ -235,3 +304,27 @@ def qualified_name(exc_type: type) -> str:
     if exc_type.__module__ == "builtins":
         return exc_type.__qualname__
     return f"{exc_type.__module__}.{exc_type.__qualname__}"
+
+
+# --- appended by the server owner -----------------------------------------------
+
+
+class DeclarationRefused(ServiceError):
+    """The broker refused a server's declaration (541, 406, 403, 405) at start-up.
+
+    :ivar code: the AMQP reply code; :ivar text: the broker's reply text;
+    :ivar hint: what to do about it (an option, a permission line, a migration)
+    """
+
+    def __init__(self, server_id: str, code: int, text: str, hint: str) -> None:
+        self.server_id = server_id
+        self.code = code
+        self.text = text
+        self.hint = hint
+        super().__init__(f"the broker refused the declarations of server {server_id!r}: "
+                         f"{code} {text}. {hint}")
+
+
+class DeliveryLimitReached(ServiceError):
+    """A request was delivered so often without an answer (it keeps crashing
+    servers) that the server refuses to run it again."""

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
@@ -30,7 +31,13 @@ from txcallme.amqp import (
     TLSSettings,
     connection_params,
 )
-from txcallme.errors import CallmeError, InvalidRequest, PayloadTooLarge
+from txcallme.errors import (
+    CallmeError,
+    DeclarationRefused,
+    DeliveryLimitReached,
+    InvalidRequest,
+    PayloadTooLarge,
+)
 from txcallme.serializers import JSON, Serializer
 from txcallme.server import CallContext, Dispatcher
 
@@ -40,6 +47,71 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: Default largest request body a server reads (bytes).
 DEFAULT_MAX_BODY_SIZE = 16 * 1024 * 1024
+#: Default lease of a quorum server queue once no instance consumes it (seconds).
+DEFAULT_QUEUE_EXPIRES = 300.0
+#: Default deliveries of one request to quorum queue consumers before it is refused.
+DEFAULT_DELIVERY_LIMIT = 10
+QUEUE_TYPES = ("classic", "quorum")
+
+
+@attrs.frozen
+class ServerDeclarations:
+    """The exchange, queue and binding a server declares, with their flags.
+
+    Every queue is durable (RabbitMQ 4.3 refuses transient non-exclusive
+    queues with 541). Build with :meth:`for_server`.
+    """
+
+    exchange: str
+    queue: str
+    routing_key: str
+    queue_type: str
+    exchange_durable: bool
+    exchange_auto_delete: bool
+    queue_durable: bool
+    queue_auto_delete: bool
+    queue_arguments: dict[str, Any]
+    #: requests delivered this many times are answered with an error, not run
+    #: (quorum queues count deliveries in ``x-delivery-count``); None: no limit
+    delivery_limit: int | None
+
+    @classmethod
+    def for_server(cls, server_id: str, *, queue_type: str = "classic",
+                   durable: bool = False, queue_expires: float = DEFAULT_QUEUE_EXPIRES,
+                   delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> ServerDeclarations:
+        """The declarations of *server_id*; raise ValueError for bad options.
+
+        - classic, ``durable=False``: a durable, auto-delete queue (gone with the
+          last instance's consumer) bound to a transient auto-delete exchange;
+        - classic, ``durable=True``: durable exchange and queue that stay;
+        - quorum: ``x-queue-type=quorum`` (durable, never exclusive or
+          auto-delete), ``x-expires`` lease, ``x-delivery-limit``; a durable
+          exchange that goes with its last binding (when the queue expires).
+        """
+        exchange, queue = _wire.server_exchange(server_id), _wire.server_queue(server_id)
+        if queue_type == "classic":
+            return cls(exchange, queue, server_id, queue_type, durable, not durable,
+                       True, not durable, {}, None)
+        if queue_type != "quorum":
+            raise ValueError(f"queue_type must be one of {QUEUE_TYPES}, not {queue_type!r}")
+        if not queue_expires > 0:
+            raise ValueError("queue_expires must be a positive number of seconds")
+        if isinstance(delivery_limit, bool) or not isinstance(delivery_limit, int) \
+                or delivery_limit < 1:
+            raise ValueError("delivery_limit must be an integer of at least 1")
+        arguments = {"x-queue-type": "quorum", "x-expires": max(1, round(queue_expires * 1000)),
+                     "x-delivery-limit": delivery_limit}
+        return cls(exchange, queue, server_id, queue_type, True, not durable, True, False,
+                   arguments, delivery_limit)
+
+    async def declare(self, channel: Channel) -> None:
+        """Declare the exchange and the queue and bind them on *channel*."""
+        await channel.declare_exchange(self.exchange, "direct", durable=self.exchange_durable,
+                                       auto_delete=self.exchange_auto_delete)
+        await channel.declare_queue(self.queue, durable=self.queue_durable,
+                                    auto_delete=self.queue_auto_delete,
+                                    arguments=dict(self.queue_arguments))
+        await channel.bind_queue(self.queue, self.exchange, self.routing_key)
 
 
 class CallmeServerService(Service):
@@ -53,9 +125,17 @@ class CallmeServerService(Service):
     ``ack="after_reply"`` (default, at-least-once): a request is acked after its
     reply is confirmed, so a server that dies mid-call has it redelivered to
     another instance. ``ack="on_receipt"`` (at-most-once) acks before running.
-    ``durable=True`` declares a durable, non-auto-delete exchange and queue
-    (RabbitMQ 4.x refuses transient non-exclusive queues by default).
     ``stop_timeout``: how long :meth:`stopService` waits for running calls.
+
+    Declarations (see :class:`ServerDeclarations`): every queue is durable, as
+    RabbitMQ 4.3 refuses transient non-exclusive queues. ``queue_type="classic"``
+    (default): a durable, auto-delete queue that goes with the last instance,
+    so a call to a stopped server fails fast; ``durable=True`` keeps it (and
+    the exchange) when no instance runs. ``queue_type="quorum"``: a replicated
+    quorum queue, removed by an ``x-expires`` lease of *queue_expires* seconds
+    once no instance consumes it; a request delivered *delivery_limit* times
+    without an answer (it keeps crashing servers) is answered with an error
+    instead of being run again, and the broker drops it after one more.
     """
 
     def __init__(
@@ -79,6 +159,9 @@ class CallmeServerService(Service):
         introspection: bool = True,
         ack: str = "after_reply",
         durable: bool = False,
+        queue_type: str = "classic",
+        queue_expires: float = DEFAULT_QUEUE_EXPIRES,
+        delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
         stop_timeout: float = 60.0,
         reactor: Any = None,
     ) -> None:
@@ -103,6 +186,10 @@ class CallmeServerService(Service):
                              "(at-most-once)")
         self.ack = ack
         self.durable = durable
+        self.declarations = ServerDeclarations.for_server(
+            self.server_id, queue_type=queue_type, durable=durable,
+            queue_expires=queue_expires, delivery_limit=delivery_limit)
+        self.queue_type = queue_type
         self.stop_timeout = stop_timeout
         self.serializer = serializer
         self._pool = ThreadPool(0, threads, name=self.name) if threading else None
@@ -187,14 +274,11 @@ class CallmeServerService(Service):
         await self._session.stop()
 
     async def _prepare(self, connection: Connection) -> None:
-        exchange = _wire.server_exchange(self.server_id)
-        queue = _wire.server_queue(self.server_id)
+        decl = self.declarations
         channel = await connection.open_channel()
-        await channel.qos(self.prefetch)
-        await channel.declare_exchange(exchange, "direct", durable=self.durable,
-                                       auto_delete=not self.durable)
-        await channel.declare_queue(queue, durable=self.durable, auto_delete=not self.durable)
-        await channel.bind_queue(queue, exchange, self.server_id)
+        await channel.qos(self.prefetch)  # per consumer: global QoS is gone in RabbitMQ 4.3
+        await decl.declare(channel)
+        queue = decl.queue
         self._replies = ConfirmedPublisher(connection.open_channel, replay=True)
         acker = self._acker = Acker(channel, self._reactor)
         tag = await channel.consume(queue, lambda d: self._request(acker, d))
@@ -234,6 +318,18 @@ class CallmeServerService(Service):
         if not reply_to:
             log.warn("request {method!r} has no reply_to: not run", method=request.method)
             self._done(acker, tag)
+            return
+        limit = self.declarations.delivery_limit
+        if limit is not None and delivery.redelivered and _delivery_count(props) >= limit:
+            log.error("request {method!r} (correlation id {corr!r}) was delivered {n} times "
+                      "without an answer (it keeps crashing servers?): answered with an "
+                      "error, not run again", method=request.method, corr=corr,
+                      n=_delivery_count(props))
+            error = DeliveryLimitReached(
+                f"{request.method}() was delivered {_delivery_count(props)} times without "
+                f"an answer (servers died running it): not run again")
+            body = _wire.encode_error(self.serializer, _wire.error_description(error, False))
+            self._reply(acker, tag, reply_to, corr, body)
             return
         if request.deadline is not None and time.time() > request.deadline:
             log.info("request {method!r} expired before it started: not run",
@@ -290,3 +386,10 @@ class CallmeServerService(Service):
             for d in waiting:
                 if not d.called:  # not given up on by stop_timeout
                     d.callback(None)
+
+
+def _delivery_count(properties: dict[str, Any]) -> int:
+    """Earlier deliveries of a message, as quorum queues count them (0 if unknown)."""
+    headers = properties.get("headers") or {}
+    count = headers.get("x-delivery-count", 0) if isinstance(headers, dict) else 0
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
