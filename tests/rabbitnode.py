@@ -20,12 +20,28 @@ use it to make sure nothing of the node is left running. The methods block
         node.restart()
     finally:
         node.cleanup()
+
+:class:`RabbitCluster` starts several such nodes in parallel and joins them
+into one cluster (``stop_app``, ``join_cluster``, ``start_app``), for tests
+that lose a node of a cluster:
+
+    with RabbitCluster(3) as cluster:
+        ...  # connect to cluster.hosts(first=cluster.nodes[1])
+        cluster.stop_node(cluster.nodes[0])
+        cluster.start_node(cluster.nodes[0])
+
+Nodes are also cleaned up at interpreter exit, and :func:`sweep_orphans`
+removes the nodes (processes and directories) of test runs that died without
+cleaning up, e.g. after a SIGKILL.
 """
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import contextlib
 import ctypes
+import json
 import os
 import pwd
 import random
@@ -35,12 +51,17 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 MARKER = "TXCALLME_RABBITNODE"
+#: ``<pid>:<start time>`` of the process that started the node.
+OWNER_MARKER = "TXCALLME_RABBITNODE_OWNER"
+DIR_PREFIX = "txcallme-rabbit-"
 HOST = "127.0.0.1"
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
@@ -88,6 +109,116 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _start_time(pid: int) -> str | None:
+    """The start time of *pid* (clock ticks since boot), to tell a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_token() -> str:
+    return f"{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _owner_alive(token: str) -> bool:
+    pid, _, started = token.partition(":")
+    return pid.isdigit() and pid_alive(int(pid)) and _start_time(int(pid)) == started
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
+
+
+def sweep_orphans() -> list[str]:
+    """Kill the nodes, and remove the directories, of test processes that are gone.
+
+    A test run killed with SIGKILL cannot clean up; its nodes keep running
+    (and its directories stay) until this finds them by their
+    ``TXCALLME_RABBITNODE_OWNER`` marker. Nodes of live test processes are
+    left alone. Returns the node names it cleaned up.
+    """
+    orphans: dict[str, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        env = _environ(int(entry.name))
+        owner, nodename = env.get(OWNER_MARKER), env.get(MARKER)
+        if owner and nodename and not _owner_alive(owner):
+            try:
+                if (entry / "comm").read_text().strip() == "epmd":
+                    continue  # possibly shared with other nodes; epmd is harmless
+            except OSError:
+                continue
+            orphans.setdefault(nodename, []).append(int(entry.name))
+    for pids in orphans.values():
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for directory in Path(tempfile.gettempdir()).glob(f"{DIR_PREFIX}*"):
+        try:
+            owner = (directory / "owner").read_text().strip()
+        except OSError:
+            continue
+        if not _owner_alive(owner):
+            shutil.rmtree(directory, ignore_errors=True)
+    return sorted(orphans)
+
+
+_subreaper_lock = threading.Lock()
+_subreaper_users = 0
+_subreaper_set_by_us = False
+
+
+@contextlib.contextmanager
+def adopting_orphans() -> Iterator[None]:
+    """Make this process the reaper of orphans started meanwhile (thread-safe).
+
+    ``rabbitmq-server -detached`` and the CLI leave orphans (the node's beam,
+    CLI helpers); PID 1 here does not reap them, so dead ones would stay as
+    zombies. Started within this block, they become this process's children,
+    and :meth:`RabbitNode._reap` reaps them once they die. Nested and
+    concurrent uses (nodes started in parallel threads) share one setting,
+    undone when the last of them ends.
+    """
+    global _subreaper_users, _subreaper_set_by_us
+    with _subreaper_lock:
+        if _subreaper_users == 0:
+            with contextlib.suppress(Exception):
+                libc = ctypes.CDLL(None, use_errno=True)
+                before = ctypes.c_int(0)
+                libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(before), 0, 0, 0)
+                if not before.value:  # already a subreaper: leave it so
+                    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+                    _subreaper_set_by_us = True
+        _subreaper_users += 1
+    try:
+        yield
+    finally:
+        with _subreaper_lock:
+            _subreaper_users -= 1
+            if _subreaper_users == 0 and _subreaper_set_by_us:
+                with contextlib.suppress(Exception):
+                    ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+                _subreaper_set_by_us = False
+
+
+#: Nodes not cleaned up yet, cleaned up at interpreter exit (e.g. after Ctrl-C).
+_live_nodes: weakref.WeakSet[RabbitNode] = weakref.WeakSet()
+
+
+@atexit.register
+def _cleanup_live_nodes() -> None:
+    for node in list(_live_nodes):
+        with contextlib.suppress(Exception):
+            node.cleanup()
+
+
 class RabbitNode:
     """A separate RabbitMQ node on free ports, in its own temp directory.
 
@@ -108,11 +239,15 @@ class RabbitNode:
         self.plugins = list(plugins)
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
-        self.directory = Path(tempfile.mkdtemp(prefix="txcallme-rabbit-"))
+        self.directory = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
         self.start_times: list[float] = []
+        #: True between :meth:`stop_app` and :meth:`start_app` (the VM runs, RabbitMQ not).
+        self.app_stopped = False
         self._cleaned = False
         self._reap_orphans = reap
+        self._owner = _owner_token()
         self._write_files()
+        _live_nodes.add(self)
 
     # -- public API ------------------------------------------------------------
 
@@ -144,6 +279,7 @@ class RabbitNode:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
             "RABBITMQ_PID_FILE": str(self.pid_file),
             MARKER: self.nodename,
+            OWNER_MARKER: self._owner,
         })
         return env
 
@@ -192,6 +328,7 @@ class RabbitNode:
         self.ctl("await_startup", "--timeout", str(left), timeout=left + 30)
         took = time.monotonic() - began
         self.start_times.append(took)
+        self.app_stopped = False
         return took
 
     def stop(self) -> None:
@@ -204,6 +341,26 @@ class RabbitNode:
                 pass
             self._wait_down(self.stop_timeout)
         self._kill_all()
+
+    def stop_app(self) -> None:
+        """Stop the RabbitMQ application, leaving the Erlang VM up (``stop_app``).
+
+        To the rest of a cluster the node is down: its client connections are
+        closed, its queue replicas stop. :meth:`start_app` brings it back.
+        """
+        self.ctl("stop_app", timeout=self.stop_timeout + 30)
+        self.app_stopped = True
+
+    def start_app(self) -> float:
+        """Start the application again after :meth:`stop_app`; returns the seconds it took."""
+        began = time.monotonic()
+        self.ctl("start_app", timeout=self.start_timeout + 30)
+        self.ctl("await_startup", "--timeout", str(int(self.start_timeout)),
+                 timeout=self.start_timeout + 30)
+        self.app_stopped = False
+        took = time.monotonic() - began
+        self.start_times.append(took)
+        return took
 
     def restart(self) -> float:
         """Stop, then start again on the same ports and data; returns the start time."""
@@ -254,6 +411,7 @@ class RabbitNode:
         finally:
             self._kill_all()
             self._cleaned = True
+            _live_nodes.discard(self)
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> RabbitNode:
@@ -276,33 +434,18 @@ class RabbitNode:
         (d / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
         plugins = ",".join(self.plugins)
         (d / "enabled_plugins").write_text(f"[{plugins}].\n")
+        (d / "owner").write_text(self._owner + "\n")
         d.chmod(0o755)
         subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(d)], check=True)
 
     @contextlib.contextmanager
     def _adopting(self) -> Iterator[None]:
-        """Make this process the reaper of orphans started meanwhile.
-
-        ``rabbitmq-server -detached`` and the CLI leave orphans (the node's beam,
-        CLI helpers); PID 1 here does not reap them, so dead ones would stay as
-        zombies. Started within this block, they become this process's
-        children, and :meth:`_reap` reaps them once they die.
-        """
-        libc = None
-        if self._reap_orphans:
-            with contextlib.suppress(Exception):
-                libc = ctypes.CDLL(None, use_errno=True)
-                before = ctypes.c_int(0)
-                libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(before), 0, 0, 0)
-                if before.value:
-                    libc = None  # already a subreaper: leave it so
-                else:
-                    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-        try:
+        """Reap the orphans of what runs in this block (see :func:`adopting_orphans`)."""
+        if not self._reap_orphans:
             yield
-        finally:
-            if libc is not None:
-                libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+            return
+        with adopting_orphans():
+            yield
 
     def _wait_down(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -366,3 +509,197 @@ class RabbitNode:
             return "\n".join(self.log_file.read_text().splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+class RabbitCluster:
+    """*size* :class:`RabbitNode` s on this machine joined into one cluster.
+
+    :meth:`start` boots the nodes in parallel, joins every other node to the
+    first and waits until ``cluster_status`` lists all of them as running;
+    :meth:`cleanup` (also on failure, and at interpreter exit) stops them all
+    and checks that no process of theirs is left. Blocking, like RabbitNode.
+    """
+
+    def __init__(self, size: int = 3, *, prefix: str = "txcallme-cluster",
+                 start_timeout: float = 120.0, stop_timeout: float = 30.0) -> None:
+        if size < 2:
+            raise ValueError("a cluster needs at least two nodes")
+        tag = secrets.token_hex(3)
+        self.nodes = [RabbitNode(name=f"{prefix}-{tag}-{i}@localhost",
+                                 start_timeout=start_timeout, stop_timeout=stop_timeout)
+                      for i in range(size)]
+        self.start_timeout = start_timeout
+        #: What each step took (seconds), for reports.
+        self.timings: dict[str, float] = {}
+
+    # -- addresses -----------------------------------------------------------------
+
+    def node(self, name: str) -> RabbitNode:
+        """The node called *name* (``txcallme-cluster-...@localhost``)."""
+        for node in self.nodes:
+            if node.nodename == name:
+                return node
+        raise KeyError(name)
+
+    def node_on_port(self, port: int) -> RabbitNode:
+        """The node whose AMQP listener is *port*."""
+        for node in self.nodes:
+            if node.port == port:
+                return node
+        raise KeyError(port)
+
+    def hosts(self, first: RabbitNode | None = None) -> list[str]:
+        """``host:port`` of every node, *first* first, then the others in ring order.
+
+        As ``amqp_host=``: a client connects to *first* and, when it loses it,
+        to the next node of the list.
+        """
+        i = self.nodes.index(first) if first is not None else 0
+        ring = self.nodes[i:] + self.nodes[:i]
+        return [f"{HOST}:{node.port}" for node in ring]
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def start(self) -> float:
+        """Boot, join and check the cluster; returns the seconds it took."""
+        began = time.monotonic()
+        with adopting_orphans():
+            self._parallel(lambda node: node.start(), self.nodes)
+            self.timings["boot"] = time.monotonic() - began
+            seed = self.nodes[0]
+            for node in self.nodes[1:]:
+                node.ctl("stop_app")
+                node.ctl("join_cluster", seed.nodename)
+                node.ctl("start_app")
+            self.wait_running(self.nodes, self.start_timeout)
+        took = time.monotonic() - began
+        self.timings["start"] = took
+        return took
+
+    def cleanup(self) -> list[int]:
+        """Stop every node and remove its files; returns processes left (always [])."""
+        began = time.monotonic()
+        with adopting_orphans():
+            errors = self._parallel(lambda node: node.cleanup(), self.nodes, collect=True)
+        left = self.processes()
+        self.timings["cleanup"] = time.monotonic() - began
+        if errors or left:
+            raise RabbitNodeError(f"cluster cleanup: errors {errors}, processes left {left}")
+        return left
+
+    def processes(self) -> list[int]:
+        """Live processes of any node: by environment marker and by ``pgrep -f`` name."""
+        found = {pid for node in self.nodes for pid in node.processes()}
+        for node in self.nodes:
+            short = node.nodename.split("@")[0]
+            out = subprocess.run(["pgrep", "-f", short], capture_output=True, text=True).stdout
+            found.update(int(p) for p in out.split() if int(p) != os.getpid()
+                         and pid_alive(int(p)))
+        return sorted(found)
+
+    def __enter__(self) -> RabbitCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cleanup()
+
+    # -- losing and regaining a node -------------------------------------------------
+
+    def stop_node(self, node: RabbitNode, how: str = "stop") -> float:
+        """Take *node* out: ``stop`` (clean shutdown), ``stop_app`` (the VM stays)
+        or ``kill`` (SIGKILL, a crash). Returns the seconds it took."""
+        began = time.monotonic()
+        if how == "stop":
+            node.stop()
+        elif how == "stop_app":
+            node.stop_app()
+        elif how == "kill":
+            node.kill()
+        else:
+            raise ValueError(f"how must be stop, stop_app or kill, not {how!r}")
+        return time.monotonic() - began
+
+    def start_node(self, node: RabbitNode) -> float:
+        """Bring *node* back and wait until the cluster shows every node running."""
+        began = time.monotonic()
+        if node.app_stopped:
+            node.start_app()
+        else:
+            node.start()
+        self.wait_running(self.nodes, self.start_timeout)
+        return time.monotonic() - began
+
+    # -- what the cluster says -------------------------------------------------------
+
+    def _via(self, via: RabbitNode | None) -> RabbitNode:
+        if via is not None:
+            return via
+        for node in self.nodes:
+            if node.running() and not node.app_stopped:
+                return node
+        raise RabbitNodeError("no node of the cluster is running")
+
+    def running_nodes(self, via: RabbitNode | None = None) -> set[str]:
+        """The node names ``cluster_status`` (asked of *via*) lists as running."""
+        out = self._via(via).ctl("cluster_status", "--formatter", "json", timeout=60).stdout
+        return set(json.loads(out).get("running_nodes", []))
+
+    def wait_running(self, nodes: Sequence[RabbitNode], timeout: float) -> None:
+        """Wait until every one of *nodes* sees exactly *nodes* running."""
+        want = {node.nodename for node in nodes}
+        deadline = time.monotonic() + timeout
+        seen: dict[str, set[str]] = {}
+        while True:
+            try:
+                seen = {node.nodename: self.running_nodes(node) for node in nodes}
+            except RabbitNodeError as e:
+                seen = {"error": {str(e)[:300]}}
+            if all(view == want for view in seen.values()):
+                return
+            if time.monotonic() > deadline:
+                raise RabbitNodeError(f"cluster not all running after {timeout:g} s: "
+                                      f"want {sorted(want)}, seen {seen}")
+            time.sleep(0.5)
+
+    def queues(self, *fields: str, via: RabbitNode | None = None,
+               vhost: str = "/") -> list[dict[str, Any]]:
+        """``rabbitmqctl list_queues`` rows (``name`` plus *fields*) as dicts."""
+        out = self._via(via).ctl("list_queues", "-q", "-p", vhost, "--formatter", "json",
+                                 "name", *fields, timeout=60).stdout
+        rows: list[dict[str, Any]] = json.loads(out or "[]")
+        return rows
+
+    def queue(self, name: str, *fields: str, via: RabbitNode | None = None) -> dict[str, Any]:
+        """One queue's ``list_queues`` row; KeyError if the cluster does not list it."""
+        for row in self.queues(*fields, via=via):
+            if row.get("name") == name:
+                return row
+        raise KeyError(name)
+
+    def quorum_leader(self, queue: str, via: RabbitNode | None = None) -> RabbitNode:
+        """The node that leads the quorum queue *queue* now."""
+        row = self.queue(queue, "type", "leader", "members", via=via)
+        if row.get("type") != "quorum":
+            raise RabbitNodeError(f"{queue} is not a quorum queue: {row}")
+        return self.node(row["leader"])
+
+    # -- internals -------------------------------------------------------------------
+
+    def _parallel(self, work: Callable[[RabbitNode], Any], nodes: Sequence[RabbitNode],
+                  collect: bool = False) -> list[str]:
+        """Run *work* on every node at once; raise the first error (or collect them all)."""
+        errors: list[str] = []
+        with concurrent.futures.ThreadPoolExecutor(len(nodes)) as pool:
+            futures = {pool.submit(work, node): node for node in nodes}
+            for future in concurrent.futures.as_completed(futures):
+                error = future.exception()
+                if error is not None:
+                    errors.append(f"{futures[future].nodename}: {error}")
+        if errors and not collect:
+            raise RabbitNodeError("; ".join(errors))
+        return errors
