@@ -9,6 +9,7 @@ final marker line that the test checks.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ import sys
 
 from twisted.internet import asyncioreactor
 
-asyncioreactor.install(asyncio.new_event_loop())
+LOOP = asyncio.new_event_loop()
+asyncioreactor.install(LOOP)
 
 from twisted.internet import reactor, task  # noqa: E402
 
@@ -60,7 +62,7 @@ async def setup_and_run(main):
 
 
 def run(main):
-    task_ = asyncio.ensure_future(setup_and_run(main), loop=reactor._asyncioEventloop)
+    task_ = LOOP.create_task(setup_and_run(main))
     task_.add_done_callback(lambda _: reactor.stop())
     reactor.run()
     task_.result()
@@ -175,3 +177,13 @@ def test_aiohttp_app(tmp_path: Path) -> None:
     RPC results, concurrently, and everything shuts down cleanly."""
     out = run_script(AIOHTTP, tmp_path)
     assert out.splitlines()[-1] == "AIOHTTP-OK 20"
+
+
+def test_documented_asyncio_code_uses_public_names_only() -> None:
+    """README, the examples and these scripts reach the asyncio loop through public
+    names (the loop given to ``asyncioreactor.install``), never ``reactor._...``."""
+    texts = {"README.rst": (ROOT / "README.rst").read_text(),
+             "PRELUDE": PRELUDE, "AIOHTTP": AIOHTTP}
+    texts.update({str(p): p.read_text() for p in (ROOT / "examples").glob("*.py")})
+    private = {name: re.findall(r"reactor\._\w+", text) for name, text in texts.items()}
+    assert {name: found for name, found in private.items() if found} == {}

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.usage import UsageError
 
 from txcallme._wire import RESERVED_PREFIX
@@ -188,6 +189,23 @@ def test_threads_zero_runs_on_reactor(module: ModuleWriter) -> None:
     service = makeService(parse("--server-id", "foo", "--module", module(ADD),
                                 "--threads", "0"))
     assert service.threading is False
+
+
+def test_threads_zero_warns_about_heartbeats(module: ModuleWriter) -> None:
+    """--threads 0 logs one warning at start-up naming the heartbeat risk and the fix;
+    --threads 1 logs none."""
+    name = module(ADD)
+    with capturedLogs() as events:
+        makeService(parse("--server-id", "foo", "--module", name, "--threads", "0",
+                          "--amqp-url", "amqp://localhost/?heartbeat=30"))
+    warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+    assert len(warnings) == 1
+    text = formatEvent(warnings[0])
+    assert "heartbeat" in text and "60 s" in text and "--threads 1" in text, text
+    assert warnings[0]["server_id"] == "foo"
+    with capturedLogs() as events:
+        makeService(parse("--server-id", "foo", "--module", name, "--threads", "1"))
+    assert [e for e in events if e["log_level"] == LogLevel.warn] == []
 
 
 def test_threads_four(module: ModuleWriter) -> None:

@@ -13,10 +13,13 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from txcallme.amqp import TLSSettings, connection_params
 from txcallme.service import CallmeServerService
+
+log = Logger(namespace="callme.server")
 
 
 def _port(value: str) -> int:
@@ -127,6 +130,14 @@ def _params(options: Options) -> Any:
 def makeService(options: Options) -> CallmeServerService:  # noqa: N802
     """The server service for parsed *options*."""
     threads = options["threads"]
+    heartbeat = options["params"].heartbeat
+    if threads == 0 and heartbeat:
+        log.warn(
+            "--threads 0: every function runs on the reactor thread, which also sends "
+            "heartbeats; a function that runs longer than about {twice} s (two heartbeat "
+            "intervals) makes the broker drop the connection and redeliver the call, in a "
+            "loop. Use --threads 1 or more for functions that block.",
+            twice=f"{2 * heartbeat:g}", server_id=options["server-id"])
     service = CallmeServerService(
         options["server-id"], params=options["params"], threading=threads > 0,
         threads=max(threads, 1), prefetch=options["prefetch"])
