@@ -328,3 +328,11 @@ class DeclarationRefused(ServiceError):
 class DeliveryLimitReached(ServiceError):
     """A request was delivered so often without an answer (it keeps crashing
     servers) that the server refuses to run it again."""
+
+
+# --- appended by the observability owner -------------------------------------------
+
+
+class RequestExpired(CallmeError):
+    """A server picked up a request after its caller's deadline and did not run it
+    (recorded on the server's span; the caller sees its own RpcTimeout)."""
