@@ -40,9 +40,11 @@ def new_server_id() -> str:
 
 
 def track_proxy(proxy: Proxy) -> Proxy:
-    """Record a Proxy's queue and exchange names for the leak check."""
+    """Record every queue and exchange name a Proxy uses for the leak check
+    (it picks new ones for each connection and each re-created reply queue)."""
     _created_names.add(proxy.exchange)
     _created_names.add(proxy.queue)
+    proxy.on_reply_names.append(lambda exchange, queue: _created_names.update((exchange, queue)))
     return proxy
 
 

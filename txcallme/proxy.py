@@ -2,17 +2,24 @@
 a Deferred.
 
 Many calls share one connection and one reply queue; replies are matched by
-correlation id. Requests go out with publisher confirms and ``mandatory`` on
-one channel per destination server, so a missing or forbidden server fails
-only the calls made to it, at once.
+correlation id (96 random bits, so replies cannot be aimed at a call by
+guessing). Requests go out with ``mandatory`` on one confirming channel per
+destination server: a call fails with ServerUnavailable only when its own
+request came back or was refused; a request the broker took keeps waiting for
+its reply (the server may answer over a new connection) until the call's
+timeout or until the Proxy's own connection is lost.
+
+Each connection gets reply names of its own; when the broker deletes the reply
+queue (or closes its channel) the Proxy fails the calls whose replies may be
+lost, declares a new reply queue with backoff, and serves new calls.
 """
 
 from __future__ import annotations
 
-import itertools
+import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -21,20 +28,25 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txcallme import _wire
-from txcallme._deadlines import Deadlines
-from txcallme._destinations import Destination
+from txcallme._deadlines import Deadline, Deadlines
+from txcallme._destinations import Destination, Sent
 from txcallme.amqp import (
+    Channel,
     Connection,
     ConnectionParams,
     Delivery,
     Session,
     TLSSettings,
+    backoff,
     connection_params,
 )
 from txcallme.errors import (
+    BrokerConnectionLost,
     CallmeError,
+    ChannelError,
     InvalidRequest,
     NotFound,
+    PayloadTooLarge,
     ProxyClosed,
     RemoteErrorRegistry,
     RpcTimeout,
@@ -58,6 +70,8 @@ class _Call:
     timeout: float
     deadline: float
     body: bytes
+    entry: Deadline | None = None
+    #: where its request is (sent or confirmed); None while it is not out
     destination: Destination | None = None
 
 
@@ -92,20 +106,36 @@ class Proxy:
             amqp_url=amqp_url, ssl=ssl)
         self.timeout = timeout
         self.serializer = serializer
+        self.max_body_size = max_body_size
         self.errors = RemoteErrorRegistry()
-        uid = uuid.uuid4().hex
-        self.exchange = _wire.client_exchange(self.params.user, uid)
-        self.queue = _wire.client_queue(self.params.user, uid)
-        self._ids = itertools.count(1)
+        #: called with (exchange, queue) each time the Proxy picks new reply
+        #: names (a new connection, a re-created reply queue)
+        self.on_reply_names: list[Callable[[str, str], None]] = []
+        self.exchange = ""
+        self.queue = ""
+        self._new_names()
+        self._names_used = False
         self._pending: dict[str, _Call] = {}
         self._deadlines = Deadlines(reactor, self._expire)
+        self._unsent: dict[str, None] = {}  # waiting for a connection with a reply queue
+        self._retry: dict[str, None] = {}  # returned after a reconnection: sent again soon
+        self._retry_timer: Any = None
+        self._first: Deferred[Connection] | None = None
         self._destinations: dict[str, Destination] = {}
         self._connection: Connection | None = None
+        #: the connection, while its reply queue is consumed
+        self._live: Connection | None = None
+        self._reply_channel: Channel | None = None
+        self._recover_timer: Any = None
+        self._recover_attempts = 0
         self._connected_at: float | None = None
         self._closed = False
-        self._session = Session(reactor, self.params, self._prepare, self._lost,
-                                name="proxy", max_body_size=max_body_size, log=log)
+        self._session = self._make_session(reactor, max_body_size)
         self._session.start()
+
+    def _make_session(self, reactor: Any, max_body_size: int) -> Session:
+        return Session(reactor, self.params, self._prepare, self._lost,
+                       name="proxy", max_body_size=max_body_size, log=log)
 
     # -- public API ------------------------------------------------------------
 
@@ -118,8 +148,11 @@ class Proxy:
 
         Fires with the result; fails with the remote exception (rebuilt, see
         :attr:`errors`), RpcTimeout, ServerUnavailable, AccessRefused,
-        BrokerUnreachable, AuthenticationError, BrokerConnectionLost or
-        ProxyClosed. Cancelling the Deferred abandons the call.
+        BrokerUnreachable, AuthenticationError, BrokerConnectionLost,
+        PayloadTooLarge or ProxyClosed. Cancelling the Deferred abandons the
+        call: a request not yet published is never published; one already
+        published is not withdrawn (the server may still run it; its reply is
+        dropped).
         """
         return self.invoke(server_id, method, args, kwargs)
 
@@ -137,29 +170,29 @@ class Proxy:
                 _wire.check_server_id(server_id)
             except ValueError as e:
                 return fail(e)
-        now = self._reactor.seconds()
-        deadline = now + timeout
+        deadline = self._reactor.seconds() + timeout
         try:
             body = _wire.encode_request(self.serializer, _wire.Request(
                 method, list(args), dict(kwargs or {}), time.time() + timeout))
         except CallmeError as e:
             return fail(e)
-        corr = f"{next(self._ids):x}"
+        corr = os.urandom(12).hex()  # 96 random bits: not guessable
         d: Deferred[Any] = Deferred(lambda _: self._forget(corr))
         call = _Call(server_id, method, d, timeout, deadline, body)
         self._pending[corr] = call
-        self._deadlines.add(deadline, corr)
-        connection = self._connection
-        if connection is not None:
-            self._publish(connection, corr, call, body)
+        call.entry = self._deadlines.add(deadline, corr)
+        if self._live is not None:
+            self._publish(corr, call)
         else:
-            ready = self._session.ready()
-            ready.addCallbacks(lambda conn: self._publish(conn, corr, call, body),
-                               lambda f: self._fail(corr, f))
+            self._wait(corr)
         return d
 
     def close(self) -> Deferred[None]:
-        """Fail calls in flight with ProxyClosed and close the connection."""
+        """Fail calls in flight with ProxyClosed and close the connection.
+
+        Fires when the connection is closed; nothing of the Proxy is left in
+        the reactor afterwards.
+        """
         if self._closed:
             return succeed(None)
         self._closed = True
@@ -169,6 +202,7 @@ class Proxy:
             destination.close()
         self._destinations.clear()
         self._deadlines.clear()
+        self._cancel_timers()
         return self._session.stop()
 
     def when_ready(self) -> Deferred[Connection]:
@@ -180,45 +214,190 @@ class Proxy:
         """Calls waiting for a reply."""
         return len(self._pending)
 
-    # -- internals ---------------------------------------------------------------
+    # -- connections and the reply queue ---------------------------------------
+
+    def _new_names(self) -> None:
+        uid = uuid.uuid4().hex
+        self.exchange = _wire.client_exchange(self.params.user, uid)
+        self.queue = _wire.client_queue(self.params.user, uid)
+        for callback in self.on_reply_names:
+            callback(self.exchange, self.queue)
 
     async def _prepare(self, connection: Connection) -> None:
-        channel = await connection.open_channel()
-        await channel.declare_exchange(self.exchange, "direct", auto_delete=True)
-        await channel.declare_queue(self.queue, exclusive=True, auto_delete=True)
-        await channel.bind_queue(self.queue, self.exchange, self.exchange)
-        await channel.consume(self.queue, self._reply, no_ack=True, exclusive=True)
-        self._destinations = {}
         self._connection = connection
+        self._destinations = {}
+        await self._consume_replies(connection)
         # a grace period for servers to come back applies to reconnections only
         self._connected_at = self._reactor.seconds() if self._session.ever_connected else None
+        self._flush()
 
-    def _lost(self, error: CallmeError) -> None:
-        self._connection = None
-        self._destinations = {}
+    async def _consume_replies(self, connection: Connection) -> None:
+        """Declare fresh reply names on *connection* and consume them."""
+        if self._names_used:  # never the same exclusive queue name twice (405 LOCKED)
+            self._new_names()
+        self._names_used = True
+        exchange, queue = self.exchange, self.queue
+        channel = await connection.open_channel()
+        try:
+            await channel.declare_exchange(exchange, "direct", auto_delete=True)
+            await channel.declare_queue(queue, exclusive=True, auto_delete=True)
+            await channel.bind_queue(queue, exchange, exchange)
+            await channel.consume(queue, self._reply, no_ack=True, exclusive=True)
+        except BaseException:
+            channel.close()
+            raise
+        channel.on_consumer_cancelled = lambda tag: self._replies_lost(
+            channel, "the broker cancelled its consumer (queue deleted?)")
+        channel.on_close.append(lambda error: self._reply_channel_closed(channel, error))
+        self._reply_channel = channel
+        self._live = connection
+
+    def _reply_channel_closed(self, channel: Channel, error: CallmeError) -> None:
+        # a connection that drops or closes closes every channel: _lost handles that
+        if isinstance(error, ChannelError) and error.code < 500 and error.code != 320:
+            self._replies_lost(channel, f"the broker closed its channel: {error}")
+
+    def _replies_lost(self, channel: Channel, why: str) -> None:
+        if channel is not self._reply_channel or self._closed:
+            return
+        self._reply_channel = None
+        connection, self._live = self._live, None
+        queue = self.queue
+        log.warn("reply queue {queue} lost: {why}; failing {n} calls whose replies may be "
+                 "lost and declaring a new reply queue", queue=queue, why=why,
+                 n=sum(1 for c in self._pending.values() if c.destination is not None))
+        error = BrokerConnectionLost(
+            f"the Proxy's reply queue {queue} was lost ({why}): the reply to this call "
+            "may be lost")
         for corr, call in list(self._pending.items()):
             if call.destination is not None:
                 self._fail(corr, Failure(error))
+        if not channel.closed:
+            channel.close()
+        if connection is not None and not connection.lost:
+            self._schedule_recover(connection)
 
-    def _publish(self, connection: Connection, corr: str, call: _Call, body: bytes) -> None:
-        if corr not in self._pending:
+    def _schedule_recover(self, connection: Connection) -> None:
+        self._recover_attempts += 1
+        delay = backoff(self._recover_attempts, initial=0.1)
+        self._recover_timer = self._reactor.callLater(delay, self._recover, connection)
+
+    def _recover(self, connection: Connection) -> None:
+        self._recover_timer = None
+        if self._closed or connection is not self._connection or connection.lost:
             return
-        connection = self._connection or connection  # reconnected meanwhile
+
+        def done(_: Any) -> None:
+            self._recover_attempts = 0
+            log.info("new reply queue {queue} consumed", queue=self.queue)
+            self._flush()
+
+        def failed(reason: Failure) -> None:
+            if self._closed or connection is not self._connection or connection.lost:
+                return
+            log.warn("cannot declare a new reply queue: {error}; retrying",
+                     error=reason.value)
+            self._schedule_recover(connection)
+
+        Deferred.fromCoroutine(self._consume_replies(connection)).addCallbacks(done, failed)
+
+    def _lost(self, error: CallmeError) -> None:
+        self._connection = None
+        self._live = None
+        self._reply_channel = None
+        self._destinations = {}
+        if self._recover_timer is not None and self._recover_timer.active():
+            self._recover_timer.cancel()
+        self._recover_timer = None
+        for corr, call in list(self._pending.items()):
+            if call.destination is not None:
+                self._fail(corr, Failure(error))
+        # calls waiting to be published again go out on the next connection
+        if self._retry_timer is not None and self._retry_timer.active():
+            self._retry_timer.cancel()
+        self._retry_timer = None
+        retry, self._retry = self._retry, {}
+        for corr in retry:
+            if corr in self._pending:
+                self._unsent[corr] = None
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._retry_timer, self._recover_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._retry_timer = self._recover_timer = None
+        self._retry.clear()
+        self._unsent.clear()
+
+    # -- publishing --------------------------------------------------------------
+
+    def _wait(self, corr: str) -> None:
+        """Publish when a connection with a reply queue is there."""
+        self._unsent[corr] = None
+        if not self._session.ever_connected and self._first is None:
+            # before the first connection, calls fail with its error
+            self._first = d = self._session.ready()
+            d.addCallbacks(self._first_done, self._first_failed)
+
+    def _first_done(self, connection: Connection) -> None:
+        self._first = None
+        self._flush()
+
+    def _first_failed(self, reason: Failure) -> None:
+        self._first = None
+        unsent, self._unsent = self._unsent, {}
+        for corr in unsent:
+            self._fail(corr, reason)
+
+    def _flush(self) -> None:
+        if self._live is None or not self._unsent:
+            return
+        unsent, self._unsent = self._unsent, {}
+        for corr in unsent:
+            call = self._pending.get(corr)
+            if call is None:
+                continue
+            if self._live is None:  # lost while publishing
+                self._unsent[corr] = None
+            else:
+                self._publish(corr, call)
+
+    def _publish(self, corr: str, call: _Call) -> None:
+        connection = self._live
+        assert connection is not None
         destination = self._destinations.get(call.server_id)
-        if destination is None:
+        if destination is None or destination.dead:
             destination = self._destinations[call.server_id] = Destination(
                 connection, _wire.server_exchange(call.server_id), call.server_id,
-                self._returned, self._destination_closed)
+                self._returned, self._refused, self._destination_closed)
         call.destination = destination
         remaining = call.deadline - self._reactor.seconds()
-        destination.send(body, {
+        destination.send(corr, call.body, {
             "content_type": self.serializer.content_type, "correlation_id": corr,
             "reply_to": self.exchange, "expiration": str(max(1, int(remaining * 1000)))})
 
-    def _returned(self, corr: str) -> None:
+    def _returned(self, destination: Destination, corr: str) -> None:
         call = self._pending.get(corr)
-        if call is not None and not self._retry_after_reconnect(corr):
+        if call is None or call.destination is not destination:
+            return
+        call.destination = None
+        if not self._retry_after_reconnect(corr):
             self._fail(corr, Failure(ServerUnavailable(call.server_id, "no queue is bound")))
+
+    def _refused(self, destination: Destination, sent: list[Sent], error: CallmeError) -> None:
+        server_id = destination.routing_key
+        if isinstance(error, NotFound):
+            error = ServerUnavailable(server_id, f"exchange {destination.exchange} not found")
+        elif not isinstance(error, (ChannelError, BrokerConnectionLost)):
+            error = ServerUnavailable(server_id, str(error))
+        unroutable = isinstance(error, ServerUnavailable)
+        for _, corr in sent:
+            call = self._pending.get(corr)
+            if call is None or call.destination is not destination:
+                continue
+            call.destination = None
+            if not (unroutable and self._retry_after_reconnect(corr)):
+                self._fail(corr, Failure(error))
 
     def _retry_after_reconnect(self, corr: str) -> bool:
         """Just after a reconnection the servers may not be back yet (a restarted
@@ -226,58 +405,75 @@ class Proxy:
         now = self._reactor.seconds()
         if self._connected_at is None or now - self._connected_at > RECONNECT_GRACE:
             return False
-        self._reactor.callLater(RETRY_DELAY, self._republish, corr)
+        self._retry[corr] = None
+        if self._retry_timer is None:
+            self._retry_timer = self._reactor.callLater(RETRY_DELAY, self._republish)
         return True
 
-    def _republish(self, corr: str) -> None:
-        call = self._pending.get(corr)
-        if call is not None and self._connection is not None:
-            self._publish(self._connection, corr, call, call.body)
+    def _republish(self) -> None:
+        self._retry_timer = None
+        retry, self._retry = self._retry, {}
+        self._unsent.update(retry)
+        self._flush()
 
     def _destination_closed(self, destination: Destination, error: CallmeError) -> None:
         if self._destinations.get(destination.routing_key) is destination:
             del self._destinations[destination.routing_key]
-        if isinstance(error, NotFound):
-            error = ServerUnavailable(destination.routing_key,
-                                      f"exchange {destination.exchange} not found")
-        unroutable = isinstance(error, ServerUnavailable)
-        for corr, call in list(self._pending.items()):
-            if call.destination is destination:
-                call.destination = None
-                if not (unroutable and self._retry_after_reconnect(corr)):
-                    self._fail(corr, Failure(error))
+
+    # -- the end of a call -----------------------------------------------------
+
+    def _finish(self, corr: str) -> _Call | None:
+        """Take *corr* out of every per-call structure; return its call."""
+        call = self._pending.pop(corr, None)
+        if call is None:
+            return None
+        if call.entry is not None:
+            self._deadlines.remove(call.entry)
+            call.entry = None
+        if self._unsent:
+            self._unsent.pop(corr, None)
+        if self._retry:
+            self._retry.pop(corr, None)
+        destination = call.destination
+        if destination is not None and destination.channel is None:
+            destination.forget(corr)  # not written yet: never write it
+        return call
 
     def _expire(self, corr: str) -> None:
-        call = self._pending.pop(corr, None)
+        call = self._pending.get(corr)
         if call is not None:
+            call.entry = None  # already out of the heap
+            self._finish(corr)
             call.deferred.errback(RpcTimeout(call.server_id, call.method, call.timeout))
-            self._idle()
-
-    def _idle(self) -> None:
-        if not self._pending:
-            self._deadlines.clear()
 
     def _forget(self, corr: str) -> None:
-        self._pending.pop(corr, None)
-        self._idle()
+        self._finish(corr)
 
     def _fail(self, corr: str, reason: Failure) -> None:
-        call = self._pending.pop(corr, None)
+        call = self._finish(corr)
         if call is not None and not call.deferred.called:
             call.deferred.errback(reason)
-        self._idle()
 
     def _reply(self, delivery: Delivery) -> None:
+        if delivery.exchange != self.exchange:
+            log.debug("dropping a reply sent to an old reply exchange {exchange}",
+                      exchange=delivery.exchange)
+            return
         corr = delivery.properties.get("correlation_id")
-        call = self._pending.pop(corr, None) if isinstance(corr, str) else None
+        call = self._finish(corr) if isinstance(corr, str) else None
         if call is None:
             log.info("dropping a reply for no pending call (late or foreign), "
                      "correlation id {corr!r}", corr=corr)
             return
-        if not self._pending:
-            self._deadlines.clear()
         if delivery.problem:
-            call.deferred.errback(InvalidRequest(f"unreadable reply: {delivery.problem}"))
+            if delivery.size > self.max_body_size:
+                call.deferred.errback(PayloadTooLarge(
+                    f"the reply to {call.server_id}.{call.method} is {delivery.size} bytes, "
+                    f"over this Proxy's max_body_size of {self.max_body_size} bytes (caller "
+                    "side; the server sent it): raise Proxy(max_body_size=...) or return "
+                    "less"))
+            else:
+                call.deferred.errback(InvalidRequest(f"unreadable reply: {delivery.problem}"))
         else:
             settle(call.deferred, self.serializer, self.errors, delivery.body)
 
