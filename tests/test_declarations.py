@@ -14,12 +14,13 @@ from _brokerctl import ctl
 from conftest import Services, broker_connect, sleep
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 import txcallme
 from txcallme import _wire
-from txcallme.errors import RemoteError
-from txcallme.service import ServerDeclarations
+from txcallme.errors import DeclarationRefused, RemoteError
+from txcallme.service import ServerDeclarations, refusal_hint
 
 QUEUE_COLUMNS = ("name", "durable", "exclusive", "auto_delete", "arguments")
 
@@ -202,3 +203,109 @@ class DeclarationFlagsTests(SynchronousTestCase):
                    {"queue_type": "quorum", "delivery_limit": True}):
             with self.assertRaises(ValueError):
                 ServerDeclarations.for_server("x", **kw)  # type: ignore[arg-type]
+
+
+# --- refusals ------------------------------------------------------------------------
+
+
+async def declare_old_queue(server_id: str) -> None:
+    """The queue as txcallme 0.x declared it: transient, auto-delete (never consumed, so
+    it stays)."""
+    connection = await broker_connect()
+    try:
+        channel = await connection.open_channel()
+        await channel.declare_queue(_wire.server_queue(server_id), auto_delete=True)
+        await channel.close()
+    finally:
+        await connection.close()
+
+
+class ErrorLog:
+    """Collects error-level events of the server's logger while installed."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log_level") == LogLevel.error and \
+                str(event.get("log_namespace", "")).startswith("callme."):
+            self.events.append(event)
+
+    def texts(self) -> list[str]:
+        return [formatEvent(e) for e in self.events]
+
+
+@pytest_twisted.ensureDeferred
+async def test_inequivalent_queue_on_first_start_is_fatal(services: Services, sid: str) -> None:
+    """406 on the first start: when_ready() fails with DeclarationRefused that names the
+    queue and says how to migrate, and the server stops retrying."""
+    await declare_old_queue(sid)
+    try:
+        svc = services.server(sid, {"one": lambda: 1})
+        with pytest.raises(DeclarationRefused) as info:
+            await svc.when_ready()
+        message = str(info.value)
+        assert info.value.code == 406
+        assert _wire.server_queue(sid) in message and "rabbitmqctl delete_queue" in message
+        await sleep(1.5)  # no retry loop: nothing reconnects
+        assert not svc._session.running
+        with pytest.raises(DeclarationRefused):
+            await svc.when_ready()  # later callers get the same clear error
+    finally:
+        await delete_queue(_wire.server_queue(sid))
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_refused_on_first_start_names_the_permission_line(
+        services: Services, sid: str) -> None:
+    """403 on the first start: the error gives the set_permissions line to run."""
+    user, password = f"t-decl-{sid}", "pw"
+    await threads.deferToThread(ctl, "add_user", user, password)
+    try:
+        await threads.deferToThread(ctl, "set_permissions", "-p", "/", user, "^$", ".*", ".*")
+        svc = services.server(sid, {"one": lambda: 1}, amqp_user=user, amqp_password=password)
+        with pytest.raises(DeclarationRefused) as info:
+            await svc.when_ready()
+        assert info.value.code == 403
+        assert (f'rabbitmqctl set_permissions -p / {user} "server_{sid}_.*"'
+                in str(info.value)), str(info.value)
+    finally:
+        await threads.deferToThread(ctl, "delete_user", user)
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusal_on_reconnection_is_logged_and_retried(services: Services,
+                                                              sid: str) -> None:
+    """406 after a reconnection is logged at error and retried with backoff until the
+    conflicting queue is gone; then the server serves again."""
+    errors = ErrorLog()
+    svc = await services.start_server(sid, {"one": lambda: 1})
+    proxy = await services.ready_proxy(timeout=30)
+    globalLogPublisher.addObserver(errors)
+    try:
+        # an operator re-creates the queue with other flags, then the connection drops
+        connection = svc._session.connection
+        assert connection is not None
+        await delete_queue(_wire.server_queue(sid))
+        await declare_old_queue(sid)
+        connection.protocol.transport.abortConnection()
+        for _ in range(100):
+            if any("406" in t for t in errors.texts()):
+                break
+            await sleep(0.1)
+        assert any("406" in t and "retrying" in t for t in errors.texts()), errors.texts()
+        assert svc._session.running  # still trying: not the first start
+        await delete_queue(_wire.server_queue(sid))
+        await svc.when_ready()
+        assert await proxy.call(sid, "one") == 1
+    finally:
+        globalLogPublisher.removeObserver(errors)
+
+
+def test_refusal_hints() -> None:
+    """Each refusal code gets advice naming the option, the permission or the migration."""
+    decl = ServerDeclarations.for_server("foo")
+    assert "set_permissions -p v carl" in refusal_hint(403, decl, "carl", "v")
+    assert "delete_queue -p v server_foo_queue" in refusal_hint(406, decl, "carl", "v")
+    assert "another server id" in refusal_hint(405, decl, "carl", "v")
+    assert "queue_type" in refusal_hint(541, decl, "carl", "v")

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -33,6 +33,7 @@ from txcallme.amqp import (
 )
 from txcallme.errors import (
     CallmeError,
+    ChannelError,
     DeclarationRefused,
     DeliveryLimitReached,
     InvalidRequest,
@@ -52,6 +53,8 @@ DEFAULT_QUEUE_EXPIRES = 300.0
 #: Default deliveries of one request to quorum queue consumers before it is refused.
 DEFAULT_DELIVERY_LIMIT = 10
 QUEUE_TYPES = ("classic", "quorum")
+#: Reply codes of a refused declaration: fatal on a first start, retried after.
+REFUSAL_CODES = (403, 405, 406, 541)
 
 
 @attrs.frozen
@@ -205,6 +208,8 @@ class CallmeServerService(Service):
         self._in_flight = 0
         self._drained: list[Deferred[None]] = []
         self._stopping = False
+        self._fatal: DeclarationRefused | None = None
+        self._served = False
 
     # -- registration ----------------------------------------------------------
 
@@ -229,13 +234,19 @@ class CallmeServerService(Service):
     def startService(self) -> None:  # noqa: N802
         super().startService()  # type: ignore[no-untyped-call]
         self._stopping = False
+        self._fatal = None
+        self._served = False  # refusals are fatal until the first successful start
         if self._pool is not None:
             self._pool.start()
         self._session.start()
 
     def when_ready(self) -> Deferred[Connection]:
         """Fires once the server consumes requests; fails with the first
-        connection error (BrokerUnreachable, AuthenticationError, AccessRefused)."""
+        connection error (BrokerUnreachable, AuthenticationError, TLSError), or
+        with :class:`~txcallme.errors.DeclarationRefused` (saying what to do)
+        when the broker refuses the server's queue on the first start."""
+        if self._fatal is not None:
+            return fail(self._fatal)
         return self._session.ready()
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
@@ -277,14 +288,31 @@ class CallmeServerService(Service):
         decl = self.declarations
         channel = await connection.open_channel()
         await channel.qos(self.prefetch)  # per consumer: global QoS is gone in RabbitMQ 4.3
-        await decl.declare(channel)
-        queue = decl.queue
+        acker = Acker(channel, self._reactor)
+        try:
+            await decl.declare(channel)
+            tag = await channel.consume(decl.queue, lambda d: self._request(acker, d))
+        except ChannelError as e:
+            if e.code not in REFUSAL_CODES:
+                raise
+            raise self._refused(e) from None
         self._replies = ConfirmedPublisher(connection.open_channel, replay=True)
-        acker = self._acker = Acker(channel, self._reactor)
-        tag = await channel.consume(queue, lambda d: self._request(acker, d))
+        self._acker = acker
+        self._served = True
         self._consumer = (channel, tag)
         log.info("serving {server_id!r}: {names}", server_id=self.server_id,
                  names=", ".join(self.dispatcher.handlers))
+
+    def _refused(self, error: ChannelError) -> DeclarationRefused:
+        refusal = DeclarationRefused(self.server_id, error.code, error.text, refusal_hint(
+            error.code, self.declarations, self.params.user, self.params.vhost))
+        if not self._served:
+            # The first start: fatal. when_ready() fails with it; no retry loop.
+            self._fatal = refusal
+            log.error("{error} Not retrying: this is the first start.", error=refusal)
+            self._reactor.callLater(0, self._session.stop)
+        # On a reconnection the session logs it at error and retries with backoff.
+        return refusal
 
     def _lost(self, error: CallmeError) -> None:
         self._consumer = None
@@ -393,3 +421,29 @@ def _delivery_count(properties: dict[str, Any]) -> int:
     headers = properties.get("headers") or {}
     count = headers.get("x-delivery-count", 0) if isinstance(headers, dict) else 0
     return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
+def refusal_hint(code: int, decl: ServerDeclarations, user: str, vhost: str) -> str:
+    """What an operator can do about a refused declaration (reply *code*)."""
+    if code == 406:
+        return (f"Queue {decl.queue!r} or exchange {decl.exchange!r} already exists with "
+                f"other flags or arguments (an older txcallme declared transient queues; "
+                f"another instance may use another queue_type or durable setting). Run "
+                f"every instance of the server with the same options, or migrate: stop "
+                f"all instances (an auto-delete queue goes with the last one) or delete "
+                f"the old queue with `rabbitmqctl delete_queue -p {vhost} {decl.queue}` "
+                f"once its requests are drained (its auto-delete exchange goes with it), "
+                f"then start the new version.")
+    if code == 403:
+        ours = f"server_{decl.routing_key}_.*"
+        return (f"User {user!r} may not declare, bind or consume the server's objects on "
+                f"vhost {vhost!r}. Grant it: `rabbitmqctl set_permissions -p {vhost} {user} "
+                f"\"{ours}\" \"{ours}|client_.*_ex_.*\" \"{ours}\"`.")
+    if code == 405:
+        return (f"Queue {decl.queue!r} is locked by another connection (an exclusive queue "
+                f"of that name, or a consumer with exclusive access): stop what holds it "
+                f"or use another server id.")
+    return ("The broker refused a feature (RabbitMQ 4.3 denies the deprecated "
+            "transient_nonexcl_queues): use queue_type='classic' (durable auto-delete, the "
+            "default) or 'quorum', or check `rabbitmq-diagnostics "
+            "check_if_any_deprecated_features_are_used` and the broker log.")
