@@ -131,7 +131,7 @@ class Histogram(Metric):
 
     def samples(self) -> list[str]:
         lines = []
-        bounds = [*(_number(b) for b in self.buckets), "+Inf"]
+        bounds = [*(repr(b) for b in self.buckets), "+Inf"]
         for labels, child in sorted(self.children.items()):
             running = 0.0
             for bound, n in zip(bounds, child[:-1], strict=True):

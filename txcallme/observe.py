@@ -66,6 +66,12 @@ __all__ = [
     "RPC_SYSTEM",
     "ServerCall",
     "ServerObserver",
+    "client_outcome",
+    "Everything",
+    "metrics_resource",
+    "metrics_service",
+    "refusal_reason",
+    "with_metrics",
 ]
 
 #: ``rpc.system.name`` of txcallme's spans and metrics.
@@ -706,6 +712,36 @@ def enable_everything(span_exporter: Any = None) -> Everything:
     configure(tracer_provider=tracer_provider, meter_provider=meter_provider)
     enable_prometheus()
     return Everything(tracer_provider, meter_provider, exporter, reader)
+
+
+# -- /metrics over HTTP -------------------------------------------------------------------
+
+
+def metrics_resource() -> Any:
+    """A ``twisted.web`` resource rendering the Prometheus text (and
+    :func:`enable_prometheus`)."""
+    from txcallme._metrics_http import MetricsResource
+
+    return MetricsResource(enable_prometheus())
+
+
+def metrics_service(port: int, interface: str = "127.0.0.1", *, reactor: Any = None) -> Any:
+    """A Twisted service serving ``http://INTERFACE:PORT/metrics`` (and
+    :func:`enable_prometheus`). Create it before the services it reports on."""
+    from txcallme._metrics_http import metrics_service as make
+
+    return make(enable_prometheus(), port, interface, reactor)
+
+
+def with_metrics(service: Any, metrics: Any) -> Any:
+    """One service that starts and stops *service* and the *metrics* service."""
+    from twisted.application.service import MultiService
+
+    both = MultiService()
+    both.setName(getattr(service, "name", None) or "callme")
+    metrics.setServiceParent(both)
+    service.setServiceParent(both)
+    return both
 
 
 # PayloadTooLarge is what makes a refusal "too_large" rather than "invalid".
