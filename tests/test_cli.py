@@ -337,3 +337,29 @@ def test_serve_unreachable_exits_3(app_dir: Path, children: Children, tmp_path: 
                               "--server-id", "x"], app_dir, log)
     assert process.wait(15) == cli.EXIT_UNREACHABLE
     assert "callme: cannot reach the AMQP broker" in log.read_text()
+
+
+def test_serve_refused_declaration_exits_with_reason(app_dir: Path, children: Children,
+                                                     tmp_path: Path) -> None:
+    """``callme serve`` whose queue the broker refuses (406, pre-declared with other
+    flags) exits 8 at once with the broker's reason and what to do, not retrying."""
+    import pika
+
+    server_id = new_server_id()
+    connection = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST, BROKER_PORT))
+    try:
+        channel = connection.channel()
+        channel.queue_declare(f"server_{server_id}_queue", durable=True)
+        log = tmp_path / "serve.log"
+        process = children.start([sys.executable, "-m", "txcallme.cli", "serve", "cliapp",
+                                  "--server-id", server_id], app_dir, log)
+        status = process.wait(20)
+        text = log.read_text()
+        assert status == cli.EXIT_ERROR, text
+        [line] = [line for line in text.splitlines() if line.startswith("callme: ")]
+        assert line.startswith("callme: DeclarationRefused: ") and "406" in line, text
+        assert "rabbitmqctl delete_queue" in line, text
+    finally:
+        channel.queue_delete(f"server_{server_id}_queue")
+        channel.exchange_delete(f"server_{server_id}_ex")
+        connection.close()

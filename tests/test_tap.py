@@ -8,14 +8,18 @@ import textwrap
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.usage import UsageError
 
 from txcallme._wire import RESERVED_PREFIX
+from txcallme.errors import BrokerUnreachable, DeclarationRefused
 from txcallme.service import CallmeServerService
-from txcallme.tap import Options, makeService
+from txcallme.tap import EXIT_START_FAILED, Options, ServerRunner, make_server, makeService
 
 ModuleWriter = Callable[[str], str]
 
@@ -186,7 +190,7 @@ def test_negative_threads(module: ModuleWriter) -> None:
 
 def test_threads_zero_runs_on_reactor(module: ModuleWriter) -> None:
     """--threads 0 gives a service without threading."""
-    service = makeService(parse("--server-id", "foo", "--module", module(ADD),
+    service = make_server(parse("--server-id", "foo", "--module", module(ADD),
                                 "--threads", "0"))
     assert service.threading is False
 
@@ -196,7 +200,7 @@ def test_threads_zero_warns_about_heartbeats(module: ModuleWriter) -> None:
     --threads 1 logs none."""
     name = module(ADD)
     with capturedLogs() as events:
-        makeService(parse("--server-id", "foo", "--module", name, "--threads", "0",
+        make_server(parse("--server-id", "foo", "--module", name, "--threads", "0",
                           "--amqp-url", "amqp://localhost/?heartbeat=30"))
     warnings = [e for e in events if e["log_level"] == LogLevel.warn]
     assert len(warnings) == 1
@@ -204,13 +208,13 @@ def test_threads_zero_warns_about_heartbeats(module: ModuleWriter) -> None:
     assert "heartbeat" in text and "60 s" in text and "--threads 1" in text, text
     assert warnings[0]["server_id"] == "foo"
     with capturedLogs() as events:
-        makeService(parse("--server-id", "foo", "--module", name, "--threads", "1"))
+        make_server(parse("--server-id", "foo", "--module", name, "--threads", "1"))
     assert [e for e in events if e["log_level"] == LogLevel.warn] == []
 
 
 def test_threads_four(module: ModuleWriter) -> None:
     """--threads 4 gives a threading service with 4 threads."""
-    service = makeService(parse("--server-id", "foo", "--module", module(ADD),
+    service = make_server(parse("--server-id", "foo", "--module", module(ADD),
                                 "--threads", "4"))
     assert service.threading is True
     assert service.threads == 4
@@ -219,7 +223,7 @@ def test_threads_four(module: ModuleWriter) -> None:
 def test_make_service(module: ModuleWriter) -> None:
     """makeService returns a CallmeServerService serving the module's functions."""
     name = module(ADD + "\ndef mul(a, b):\n    return a * b\n")
-    service = makeService(parse("--server-id", "calc", "--module", name))
+    service = make_server(parse("--server-id", "calc", "--module", name))
     assert isinstance(service, CallmeServerService)
     assert service.server_id == "calc"
     exposed = [n for n in service.dispatcher.handlers if not n.startswith(RESERVED_PREFIX)]
@@ -234,3 +238,86 @@ def test_plugin_points_at_tap() -> None:
 
     assert callme.tapname == "callme"
     assert callme.module == "txcallme.tap"
+
+
+class FakeServer(Service):
+    """Stands in for CallmeServerService: a when_ready() Deferred the test fires."""
+
+    def __init__(self) -> None:
+        self.server_id = "foo"
+        self.ready: Deferred[None] = Deferred()
+
+    def when_ready(self) -> Deferred[None]:
+        return self.ready
+
+
+class FakeReactor:
+    """Records stop() and system event triggers; running from the start."""
+
+    def __init__(self) -> None:
+        self.running = True
+        self.stopped = False
+        self.triggers: list[tuple[str, str, Any, tuple[Any, ...]]] = []
+
+    def callWhenRunning(self, f: Any, *args: Any) -> None:  # noqa: N802
+        assert self.running
+        f(*args)
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any,  # noqa: N802
+                              *args: Any) -> None:
+        self.triggers.append((phase, event, f, args))
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def runner() -> tuple[ServerRunner, FakeServer, FakeReactor, list[int]]:
+    server, reactor, exits = FakeServer(), FakeReactor(), []
+    service = ServerRunner(server, reactor=reactor, exit=exits.append)  # type: ignore[arg-type]
+    return service, server, reactor, exits
+
+
+def test_first_start_failure_stops_twistd_with_status() -> None:
+    """A failing first start logs the error at critical, stops the reactor and exits
+    with EXIT_START_FAILED from an 'after shutdown' trigger (after the clean-up)."""
+    service, server, reactor, exits = runner()
+    service.startService()
+    assert server.running and not reactor.stopped
+    with capturedLogs() as events:
+        server.ready.errback(DeclarationRefused("foo", 406, "PRECONDITION_FAILED - x",
+                                                "delete the old queue"))
+    assert reactor.stopped
+    [(phase, event, exit_, args)] = reactor.triggers
+    assert (phase, event, args) == ("after", "shutdown", (EXIT_START_FAILED,))
+    assert exits == []  # not before twistd's own shutdown
+    exit_(*args)
+    assert exits == [EXIT_START_FAILED] != [0]
+    [critical] = [e for e in events if e["log_level"] == LogLevel.critical]
+    text = formatEvent(critical)
+    assert "406 PRECONDITION_FAILED" in text and "delete the old queue" in text, text
+    assert isinstance(service.start_error, DeclarationRefused)
+
+
+def test_ready_server_keeps_running() -> None:
+    """A first start that succeeds stops nothing and sets no exit status."""
+    service, server, reactor, exits = runner()
+    service.startService()
+    server.ready.callback(None)
+    assert (reactor.stopped, reactor.triggers, service.start_error) == (False, [], None)
+
+
+def test_failure_after_stop_is_not_fatal() -> None:
+    """when_ready failing because twistd is already stopping sets no exit status."""
+    service, server, reactor, exits = runner()
+    service.startService()
+    service.stopService()
+    server.ready.errback(BrokerUnreachable("localhost", 5672, "connection refused"))
+    assert (reactor.stopped, reactor.triggers) == (False, [])
+
+
+def test_make_service_wraps_the_server(module: ModuleWriter) -> None:
+    """makeService gives twistd a ServerRunner around the module's server."""
+    service = makeService(parse("--server-id", "calc", "--module", module(ADD)))
+    assert isinstance(service, ServerRunner)
+    assert isinstance(service.server, CallmeServerService)
+    assert service.server.server_id == "calc" and list(service) == [service.server]

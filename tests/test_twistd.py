@@ -251,3 +251,50 @@ async def test_sigterm_waits_for_running_call(processes: Processes, services: An
     assert stopped_by_sigterm(process.returncode), log.read_text()
     assert answered[0] <= exited[0]
     assert "waiting for 1 running calls to finish" in log.read_text()
+
+
+async def _conflicting_queue(server_id: str, create: bool) -> None:
+    """Pre-declare (or delete) the server's queue, and delete its exchange, as an
+    old deployment or another tool might have left them: durable, not auto-delete."""
+    connection = await broker_connect()
+    try:
+        channel = await connection.open_channel()
+        if create:
+            await channel.declare_queue(f"server_{server_id}_queue", durable=True)
+        else:
+            await channel.delete_queue(f"server_{server_id}_queue")
+            await channel.delete_exchange(f"server_{server_id}_ex")
+        await channel.close()
+    finally:
+        await connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_first_start_exits_non_zero(processes: Processes) -> None:
+    """A server queue the broker refuses to redeclare (406) on the first start makes
+    ``twistd -n callme`` exit 1 soon, with the broker's reason and what to do."""
+    server_id = new_server_id()
+    await _conflicting_queue(server_id, create=True)
+    try:
+        process, log = processes.twistd("--pidfile=", "-n", "callme", "--server-id",
+                                        server_id, "--module", "app")
+        await wait_for(lambda: process.poll() is not None, START_TIMEOUT, "twistd to exit")
+        text = log.read_text()
+        assert process.returncode == 1, text
+        assert "cannot start: " in text and "406" in text, text
+        assert "Server Shut Down" in text  # twistd's own clean-up ran first
+    finally:
+        await _conflicting_queue(server_id, create=False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_first_start_exits_non_zero(processes: Processes) -> None:
+    """An unreachable broker on the first start makes ``twistd -n callme`` exit 1 with
+    the address it could not reach, instead of retrying forever."""
+    process, log = processes.twistd("--pidfile=", "-n", "callme", "--server-id", "x",
+                                    "--module", "app", "--amqp-url",
+                                    "amqp://guest:guest@127.0.0.1:1/")
+    await wait_for(lambda: process.poll() is not None, START_TIMEOUT, "twistd to exit")
+    text = log.read_text()
+    assert process.returncode == 1, text
+    assert "cannot start: cannot reach the AMQP broker at 127.0.0.1:1" in text, text

@@ -346,7 +346,7 @@ def _serve(argv: Sequence[str], url: str | None) -> int:
         return EXIT_OK if not e.code else EXIT_USAGE
     observers: list[Any] = [textFileLogObserver(sys.stderr)]
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
-    service = tap.makeService(options)
+    service = tap.make_server(options)
     return _react(lambda reactor: _run_service(reactor, service))
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import inspect
 import os
@@ -13,8 +14,10 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from txcallme.amqp import TLSSettings, connection_params
 from txcallme.service import CallmeServerService
@@ -127,8 +130,72 @@ def _params(options: Options) -> Any:
         ssl=tls or False)
 
 
-def makeService(options: Options) -> CallmeServerService:  # noqa: N802
-    """The server service for parsed *options*."""
+#: twistd's exit status when the server's first start fails (refused declaration,
+#: login, unreachable broker): systemd and scripts see a failure, not a clean stop.
+EXIT_START_FAILED = 1
+
+
+def _exit_at_interpreter_end(status: int) -> None:
+    """Make the process exit with *status* once twistd has finished its own
+    clean-up (pidfile, "Server Shut Down."): twistd has no API for an exit
+    status, so the last step of the interpreter's exit sets it."""
+
+    def exit_now() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+
+    atexit.register(exit_now)
+
+
+class ServerRunner(MultiService):
+    """What ``twistd callme`` runs: the server service (and its helpers).
+
+    If the server's *first* start fails (``when_ready()`` fails: a refused
+    declaration, login or permission, an unreachable broker), the error is
+    logged at critical level, the reactor stops (stopping the services) and the
+    process exits with :data:`EXIT_START_FAILED`. Later reconnections are the
+    server's business: it logs and retries them.
+    """
+
+    def __init__(self, server: CallmeServerService, *, reactor: Any = None,
+                 exit: Callable[[int], None] = _exit_at_interpreter_end) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._exit = exit
+        self.server = server
+        #: the error that stopped the first start, if one did
+        self.start_error: BaseException | None = None
+        server.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()  # type: ignore[no-untyped-call]
+        self.server.when_ready().addErrback(self._first_start_failed)
+
+    def _first_start_failed(self, failure: Failure) -> None:
+        if not self.running or self.start_error is not None:
+            return  # being stopped anyway (SIGTERM before the server was ready)
+        self.start_error = failure.value
+        log.critical("server {server_id!r} cannot start: {error}; exiting with status "
+                     "{status}", server_id=self.server.server_id, error=failure.value,
+                     status=EXIT_START_FAILED)
+        self._reactor.addSystemEventTrigger("after", "shutdown", self._exit,
+                                            EXIT_START_FAILED)
+        self._reactor.callWhenRunning(self._reactor.stop)
+
+
+def makeService(options: Options) -> ServerRunner:  # noqa: N802
+    """The service ``twistd callme`` runs for parsed *options*."""
+    return ServerRunner(make_server(options))
+
+
+def make_server(options: Options) -> CallmeServerService:
+    """The server service for parsed *options* (without twistd's runner)."""
     threads = options["threads"]
     heartbeat = options["params"].heartbeat
     if threads == 0 and heartbeat:
