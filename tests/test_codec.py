@@ -20,7 +20,7 @@ from txcallme.amqp import codec as _codec
 from txcallme.amqp import frames as _frames
 from txcallme.amqp import properties as _properties
 from txcallme.amqp.codec import DecodeError
-from txcallme.amqp.protocol import load_spec
+from txcallme.amqp.spec import tables
 
 UTC = datetime.timezone.utc
 
@@ -32,7 +32,7 @@ DELIVER = ("shortstr", "longlong", "bit", "shortstr", "shortstr")
 @pytest.fixture(scope="module")
 def props_fields() -> tuple[tuple[str, str], ...]:
     """The basic class's (property name, type) list from the project's spec."""
-    return load_spec().txcallme_props
+    return tables().props
 
 
 def table_of(*entries: bytes) -> bytes:

@@ -8,7 +8,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from txcallme.amqp.channel import Returned
+from txcallme.amqp.channel import Outcome, PublishOutcome, Returned
 from txcallme.amqp.publisher import ConfirmedPublisher
 from txcallme.errors import (
     AccessRefused,
@@ -16,6 +16,7 @@ from txcallme.errors import (
     CallmeError,
     ChannelError,
     NotFound,
+    PublishLost,
     Unroutable,
 )
 
@@ -32,8 +33,9 @@ class FakeChannel:
         self.confirming = False
         self.published: list[tuple[str, str, bytes, dict[str, Any], bool]] = []
         self.on_close: list[Callable[[CallmeError], None]] = []
-        self.on_return: Callable[[Returned], None] | None = None
-        self.on_confirm: Callable[[int, bool, bool], None] | None = None
+        self.on_outcome: Callable[[int, PublishOutcome], None] | None = None
+        self.unconfirmed: dict[int, tuple[str, str, Any]] = {}
+        self.returns: dict[int, Returned] = {}
         self.confirm_select_result: Deferred[None] = succeed(None)
 
     def confirm_select(self) -> Deferred[None]:
@@ -47,7 +49,9 @@ class FakeChannel:
         if len(exchange.encode()) > 255:
             raise ValueError(f"shortstr longer than 255 bytes: {exchange[:40]!r}...")
         self.published.append((exchange, routing_key, body, properties, mandatory))
-        return len(self.published)
+        seq = len(self.published)
+        self.unconfirmed[seq] = (exchange, routing_key, properties.get("correlation_id"))
+        return seq
 
     def close(self) -> Deferred[None]:
         self.close_calls += 1
@@ -57,22 +61,42 @@ class FakeChannel:
     # -- driven by the tests, as the broker would ----------------------------
 
     def ack(self, tag: int, multiple: bool = False) -> None:
-        assert self.on_confirm is not None
-        self.on_confirm(tag, multiple, True)
+        self._confirm(tag, multiple, True)
 
     def nack(self, tag: int, multiple: bool = False) -> None:
-        assert self.on_confirm is not None
-        self.on_confirm(tag, multiple, False)
+        self._confirm(tag, multiple, False)
+
+    def _confirm(self, tag: int, multiple: bool, ok: bool) -> None:
+        assert self.on_outcome is not None
+        tags = sorted(t for t in self.unconfirmed if t <= tag) if multiple else (
+            [tag] if tag in self.unconfirmed else [])
+        for t in tags:
+            del self.unconfirmed[t]
+            returned = self.returns.pop(t, None)
+            if not ok:
+                outcome = PublishOutcome.NACKED
+            elif returned is not None:
+                outcome = PublishOutcome(Outcome.RETURNED, "312 NO_ROUTE", returned)
+            else:
+                outcome = PublishOutcome.TAKEN
+            self.on_outcome(t, outcome)
 
     def basic_return(self, exchange: str, routing_key: str, corr: str) -> None:
-        assert self.on_return is not None
-        self.on_return(Returned(312, "NO_ROUTE", exchange, routing_key,
-                                {"correlation_id": corr}))
+        for t, key in sorted(self.unconfirmed.items()):
+            if key == (exchange, routing_key, corr) and t not in self.returns:
+                self.returns[t] = Returned(312, "NO_ROUTE", exchange, routing_key,
+                                           {"correlation_id": corr})
+                return
 
     def broker_closes(self, error: CallmeError) -> None:
         if self.closed:
             return
         self.closed = True
+        lost = PublishOutcome(Outcome.LOST, str(error), error=error)
+        for t in sorted(self.unconfirmed):
+            if self.on_outcome is not None:
+                self.on_outcome(t, lost)
+        self.unconfirmed.clear()
         for callback in self.on_close:
             callback(error)
 
@@ -366,12 +390,15 @@ class NoReplayTests(PublisherTestCase):
     replay = False
 
     def test_all_fail(self) -> None:
-        """Without replay every unconfirmed message fails with the channel error."""
+        """Without replay the culprit fails with the channel error, the others with PublishLost."""
         ds = [self.publish(ex, body) for ex, body in (
             ("good_ex", b"g1"), ("bad_ex", b"b1"), ("good_ex", b"g2"))]
-        self.channel.broker_closes(NotFound(404, NOT_FOUND_TEXT))
-        for d in ds:
-            self.failureResultOf(d, NotFound)
+        error = NotFound(404, NOT_FOUND_TEXT)
+        self.channel.broker_closes(error)
+        self.failureResultOf(ds[1], NotFound)
+        for d in (ds[0], ds[2]):
+            lost = self.failureResultOf(d, PublishLost).value
+            self.assertIs(lost.cause, error)
         self.assertEqual(len(self.connection.channels), 1)
         self.assertEqual(self.publisher.in_flight, 0)
 

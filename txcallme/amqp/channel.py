@@ -1,29 +1,89 @@
-"""Typed, Deferred-returning views of an AMQP connection and its channels.
+"""Connections and channels: one channel lifecycle, and what became of each publish.
 
-:class:`Channel` wraps a txamqp channel: control methods go through txamqp's
-RPC machinery (and come back as txcallme errors), while the per-call methods
-(publish, ack, reject) write precomputed frames directly. Deliveries, returns
-and publisher confirms arrive as synchronous callbacks.
+Every channel goes through one state machine, owned here::
+
+    OPENING --open-ok--> OPEN --close()--> CLOSING --close-ok--> CLOSED
+        \\                  \\--channel.close from the broker, connection lost--> CLOSED
+         \\--refused, timed out, connection lost--> CLOSED
+
+:attr:`Channel.state` is a :class:`ChannelState`; :attr:`Channel.close_error`
+is the reason once it is closed (a :class:`~txcallme.errors.ChannelError` with
+the broker's code, :class:`~txcallme.errors.BrokerConnectionLost`,
+:class:`~txcallme.errors.OperationTimeout`). Callbacks in
+:attr:`Channel.on_close` are called once, with that reason.
+
+**Control operations** (``open_channel``, ``declare_*``, ``bind_queue``,
+``qos``, ``consume``, ``cancel``, ``confirm_select``, ``delete_*``, ``close``)
+are written by this module (not by txamqp's channel machinery) and answered in
+order. Each has a timeout, :attr:`Connection.control_timeout` (from
+``ConnectionParams.control_timeout``, 30 s by default, on the protocol's clock):
+a silent broker fails the operation with
+:class:`~txcallme.errors.OperationTimeout` naming it, and the channel, now out
+of step, is closed with that error. Arguments that AMQP cannot carry (a name
+over 255 bytes) fail that operation alone with
+:class:`~txcallme.errors.EncodeError` before anything is written; the channel
+and later operations are unaffected.
+
+**Publishes** (:meth:`Channel.publish`) write precomputed frames, no round
+trip. On a confirming channel (after :meth:`Channel.confirm_select`) it returns
+a sequence number (1, 2, ...) and, for each, calls :attr:`Channel.on_outcome`
+``(seq, outcome)`` exactly once with a :class:`PublishOutcome`:
+
+- ``PublishOutcome.TAKEN`` (``kind is Outcome.TAKEN``): acked, not returned;
+- ``kind is Outcome.RETURNED``: came back as basic.return (the broker sends it
+  before the ack of a mandatory publish); ``outcome.returned`` is the
+  :class:`Returned`, with code, text and the message's properties;
+- ``PublishOutcome.NACKED``: the broker nacked it;
+- ``kind is Outcome.LOST``: the channel or connection died before the broker
+  confirmed it; ``outcome.error`` says why.
+
+The bookkeeping is one small tuple per unconfirmed publish; ``TAKEN`` and
+``NACKED`` are shared instances, and one ``LOST`` instance serves every publish
+lost with a channel.
+
+**Flow control.** While the broker blocks the connection (``connection.blocked``,
+a memory or disk alarm), :attr:`Connection.blocked_reason` is the broker's
+reason (``None`` otherwise) and each callback in :attr:`Connection.on_blocked` is
+called with the reason on block and ``None`` on unblock (one warn log per
+block). Publishes are then held by the connection, not written, and written in
+order on unblock. :meth:`Channel.withdraw` takes back a held publish (by the
+number ``publish`` returned) so a caller whose own timeout fired never sends it
+later; a withdrawn publish has no outcome.
+
+Deliveries, returns and confirms arrive as synchronous callbacks
+(:meth:`Channel.consume`, :attr:`Channel.on_return`, :attr:`Channel.on_confirm`
+with the broker's raw tags, :attr:`Channel.on_consumer_cancelled` for a
+broker's basic.cancel).
 """
 
 from __future__ import annotations
 
+import enum
 import struct
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from txcallme.amqp import codec as _codec
 from txcallme.amqp import frames as _frames
 from txcallme.amqp import properties as _properties
-from txcallme.errors import BrokerConnectionLost, CallmeError, channel_error
+from txcallme.amqp.spec import MethodInfo, tables
+from txcallme.errors import (
+    BrokerConnectionLost,
+    CallmeError,
+    EncodeError,
+    OperationTimeout,
+    channel_error,
+)
 
 log = Logger(namespace="callme.connection")
 
 _ACK_ARGS = struct.Struct(">QB")
+_ENCODE_ERRORS = (ValueError, TypeError, KeyError, OverflowError, struct.error)
 
 
 @attrs.define(slots=True)
@@ -53,141 +113,356 @@ class Returned:
     properties: dict[str, Any]
 
 
-def _broker_error(exc: Exception) -> CallmeError:
-    """Turn txamqp's Closed(Message) / other exceptions into txcallme errors."""
-    if isinstance(exc, CallmeError):
-        return exc
-    reason = exc.args[0] if exc.args else None
-    code = getattr(reason, "reply_code", None)
-    if code is not None and reason is not None:
-        text = reason.reply_text
-        return channel_error(code, text.decode() if isinstance(text, bytes) else str(text))
-    return BrokerConnectionLost(f"channel closed: {reason!r}")
+@attrs.frozen
+class QueueDeclared:
+    """The broker's answer to queue.declare."""
+
+    queue: str
+    message_count: int
+    consumer_count: int
+
+
+class ChannelState(enum.Enum):
+    """Where a :class:`Channel` is in its lifecycle."""
+
+    OPENING = "opening"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Outcome(enum.Enum):
+    """What became of one publish on a confirming channel."""
+
+    TAKEN = "taken"
+    RETURNED = "returned"
+    NACKED = "nacked"
+    LOST = "lost"
+
+
+@attrs.frozen(slots=True)
+class PublishOutcome:
+    """What became of one publish: :attr:`kind`, and why (see the module docstring)."""
+
+    TAKEN: ClassVar[PublishOutcome]
+    NACKED: ClassVar[PublishOutcome]
+
+    kind: Outcome
+    reason: str = ""
+    #: the basic.return, for ``Outcome.RETURNED``
+    returned: Returned | None = None
+    #: the channel's or connection's error, for ``Outcome.LOST``
+    error: CallmeError | None = None
+
+    @property
+    def taken(self) -> bool:
+        return self.kind is Outcome.TAKEN
+
+
+PublishOutcome.TAKEN = PublishOutcome(Outcome.TAKEN)
+PublishOutcome.NACKED = PublishOutcome(Outcome.NACKED, "the broker nacked the message")
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class _Rpc:
+    """A control operation waiting for its answer."""
+
+    __slots__ = ("name", "responses", "deferred", "timer")
+
+    def __init__(self, name: str, responses: tuple[str, ...],
+                 deferred: Deferred[dict[str, Any]]) -> None:
+        self.name = name
+        self.responses = responses
+        self.deferred = deferred
+        self.timer: Any = None
+
+
+_Match = tuple[str, str, Any] | None
 
 
 class Channel:
     """One AMQP channel. Create with :meth:`Connection.open_channel`."""
 
-    def __init__(self, connection: Connection, txchannel: Any) -> None:
+    def __init__(self, connection: Connection, channel_id: int) -> None:
         self.connection = connection
-        self.id: int = txchannel.id
-        self._ch = txchannel
+        self.id = channel_id
         self._proto = connection.protocol
-        self.closed = False
+        self.state = ChannelState.OPENING
         self.close_error: CallmeError | None = None
         self.confirming = False
-        self._next_tag = 0
+        self._next_tag = 0  # numbers handed out by publish()
+        self._broker_seq = 0  # the broker's numbering (differs after a withdraw)
+        self._unconfirmed: OrderedDict[int, tuple[int, _Match]] = OrderedDict()
+        self._returns: dict[int, Returned] = {}
+        self._held = 0
+        self._rpcs: deque[_Rpc] = deque()
+        self._closing: list[Deferred[None]] | None = None
         self._consumers: dict[str, Callable[[Delivery], None]] = {}
         self.on_close: list[Callable[[CallmeError], None]] = []
         self.on_return: Callable[[Returned], None] | None = None
         self.on_confirm: Callable[[int, bool, bool], None] | None = None
+        self.on_outcome: Callable[[int, PublishOutcome], None] | None = None
         self.on_consumer_cancelled: Callable[[str], None] | None = None
 
-    async def _rpc(self, name: str, **kwargs: Any) -> Any:
-        if self.closed:
-            raise self.close_error or BrokerConnectionLost("channel is closed")
-        try:
-            return await getattr(self._ch, name)(**kwargs)
-        except Exception as e:
-            raise _broker_error(e) from None
+    def __repr__(self) -> str:
+        return f"<Channel {self.id} {self.state.value}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once the channel is CLOSED (see :attr:`close_error`)."""
+        return self.state is ChannelState.CLOSED
+
+    @property
+    def unconfirmed(self) -> int:
+        """Publishes written and not yet confirmed, plus those held while blocked."""
+        return len(self._unconfirmed) + self._held
 
     # -- control methods (each fires when the broker answers) ----------------
 
+    def _call(self, name: str, arguments: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        """Send one control method; fire with the answer's arguments."""
+        if self.state is ChannelState.CLOSED or (
+                self.state is ChannelState.CLOSING and name != "channel.close"):
+            return fail(self._closed_error())
+        spec = tables()
+        try:
+            payload = spec.encode_method(name, arguments)
+        except _ENCODE_ERRORS as e:
+            return fail(EncodeError(name, str(e).strip("'\"")))
+        info = spec.by_name[name]
+        d: Deferred[dict[str, Any]] = Deferred()
+        rpc = _Rpc(name, info.responses, d)
+        timeout = self.connection.control_timeout
+        if timeout:
+            rpc.timer = self._proto.clock.callLater(timeout, self._timed_out, rpc)
+        self._rpcs.append(rpc)
+        self._proto.write(_frames.frame(_frames.FRAME_METHOD, self.id, payload))
+        return d
+
+    def _closed_error(self) -> CallmeError:
+        return self.close_error or BrokerConnectionLost(f"channel {self.id} is closed")
+
+    def _timed_out(self, rpc: _Rpc) -> None:
+        rpc.timer = None
+        error = OperationTimeout(rpc.name, self.connection.control_timeout,
+                                 f"channel {self.id}")
+        log.warn("{error}: closing the channel", error=error)
+        try:
+            self._rpcs.remove(rpc)
+        except ValueError:
+            pass
+        rpc.deferred.errback(error)
+        # The channel is out of step with the broker: close it (its id stays
+        # reserved until the broker's close-ok, if it ever comes).
+        if self.state is not ChannelState.CLOSED:
+            if self.state is not ChannelState.CLOSING:
+                self._send_close()
+            self._mark_closed(error)
+            self._finish_close()
+
+    def _send_close(self) -> None:
+        payload = tables().encode_method("channel.close", {"reply_code": 200,
+                                                           "reply_text": "bye"})
+        self._proto.write(_frames.frame(_frames.FRAME_METHOD, self.id, payload))
+
+    def _open(self) -> Deferred[None]:
+        d = self._call("channel.open", {})
+
+        def opened(_: Any) -> None:
+            if self.state is ChannelState.OPENING:
+                self.state = ChannelState.OPEN
+            elif self.close_error is not None:
+                raise self.close_error
+
+        return d.addCallback(opened)
+
     def declare_exchange(self, name: str, type: str = "direct", *, passive: bool = False,
-                         durable: bool = False, auto_delete: bool = False) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._rpc(
-            "exchange_declare", exchange=name, type=type, passive=passive, durable=durable,
-            auto_delete=auto_delete))
+                         durable: bool = False, auto_delete: bool = False,
+                         arguments: dict[str, Any] | None = None) -> Deferred[None]:
+        """exchange.declare; fires with None, fails with a ChannelError (the channel
+        is then closed), OperationTimeout or EncodeError."""
+        return self._call("exchange.declare", {
+            "exchange": name, "type": type, "passive": passive, "durable": durable,
+            "auto_delete": auto_delete, "arguments": arguments or {}}).addCallback(_none)
 
     def declare_queue(self, name: str, *, passive: bool = False, durable: bool = False,
                       exclusive: bool = False, auto_delete: bool = False,
-                      arguments: dict[str, Any] | None = None) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._rpc(
-            "queue_declare", queue=name, passive=passive, durable=durable, exclusive=exclusive,
-            auto_delete=auto_delete, arguments=arguments or {}))
+                      arguments: dict[str, Any] | None = None) -> Deferred[QueueDeclared]:
+        """queue.declare; fires with :class:`QueueDeclared` (name, message and
+        consumer counts)."""
+        return self._call("queue.declare", {
+            "queue": name, "passive": passive, "durable": durable, "exclusive": exclusive,
+            "auto_delete": auto_delete, "arguments": arguments or {}}).addCallback(
+            lambda ok: QueueDeclared(_text(ok["queue"]), ok["message_count"],
+                                     ok["consumer_count"]))
 
-    def bind_queue(self, queue: str, exchange: str, routing_key: str) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._rpc(
-            "queue_bind", queue=queue, exchange=exchange, routing_key=routing_key))
+    def bind_queue(self, queue: str, exchange: str, routing_key: str) -> Deferred[None]:
+        return self._call("queue.bind", {"queue": queue, "exchange": exchange,
+                                         "routing_key": routing_key}).addCallback(_none)
 
-    def delete_queue(self, name: str) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._rpc("queue_delete", queue=name))
+    def delete_queue(self, name: str) -> Deferred[None]:
+        return self._call("queue.delete", {"queue": name}).addCallback(_none)
 
-    def delete_exchange(self, name: str) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._rpc("exchange_delete", exchange=name))
+    def delete_exchange(self, name: str) -> Deferred[None]:
+        return self._call("exchange.delete", {"exchange": name}).addCallback(_none)
 
-    def qos(self, prefetch_count: int) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._rpc("basic_qos", prefetch_count=prefetch_count))
+    def qos(self, prefetch_count: int) -> Deferred[None]:
+        """Per-consumer prefetch (basic.qos, global off)."""
+        return self._call("basic.qos", {"prefetch_count": prefetch_count}).addCallback(_none)
 
-    def confirm_select(self) -> Deferred[Any]:
-        async def run() -> None:
-            await self._rpc("confirm_select")
+    def confirm_select(self) -> Deferred[None]:
+        """Turn publisher confirms on. Publishes after this call are numbered from 1
+        (the broker counts from the select, which it processes first)."""
+        if self.state is ChannelState.OPEN and not self.confirming:
             self.confirming = True
-        return Deferred.fromCoroutine(run())
+            self._next_tag = self._broker_seq = 0
+        return self._call("confirm.select", {}).addCallback(_none)
 
     def consume(self, queue: str, callback: Callable[[Delivery], None], *,
                 no_ack: bool = False, exclusive: bool = False) -> Deferred[str]:
         """Start consuming; fires with the consumer tag."""
-        async def run() -> str:
-            ok = await self._rpc("basic_consume", queue=queue, no_ack=no_ack,
-                                 exclusive=exclusive)
-            tag = ok.consumer_tag
-            tag = tag.decode() if isinstance(tag, bytes) else str(tag)
+        def started(ok: dict[str, Any]) -> str:
+            tag = _text(ok["consumer_tag"])
             self._consumers[tag] = callback
             return tag
-        return Deferred.fromCoroutine(run())
+        return self._call("basic.consume", {"queue": queue, "no_ack": no_ack,
+                                            "exclusive": exclusive}).addCallback(started)
 
-    def cancel(self, consumer_tag: str) -> Deferred[Any]:
-        async def run() -> None:
-            await self._rpc("basic_cancel", consumer_tag=consumer_tag)
+    def cancel(self, consumer_tag: str) -> Deferred[None]:
+        """basic.cancel; fires when the broker confirms no more deliveries come."""
+        def cancelled(_: Any) -> None:
             self._consumers.pop(consumer_tag, None)
-        return Deferred.fromCoroutine(run())
+        return self._call("basic.cancel", {"consumer_tag": consumer_tag}).addCallback(
+            cancelled)
 
     def close(self) -> Deferred[None]:
-        """Close the channel (channel.close / close-ok); never fails."""
-        async def run() -> None:
-            if self.closed:
-                return
-            try:
-                await self._rpc("channel_close", reply_code=200, reply_text="bye")
-            except CallmeError:
-                pass
-            self._mark_closed(BrokerConnectionLost("channel closed by txcallme"))
-            self._ch.close(None)
-            self._proto.channels.pop(self.id, None)
-            self._proto.wrappers.pop(self.id, None)
-        return Deferred.fromCoroutine(run())
+        """Close the channel (channel.close / close-ok); never fails.
+
+        Fires when the broker answered, or after ``control_timeout``, or when the
+        connection is gone.
+        """
+        if self.state is ChannelState.CLOSED:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        if self._closing is not None:
+            self._closing.append(d)
+            return d
+        self._closing = [d]
+        self.state = ChannelState.CLOSING
+        self._call("channel.close", {"reply_code": 200, "reply_text": "bye"}).addErrback(
+            lambda _: None)
+        return d
 
     # -- per-call methods: no round trip, no Deferred -------------------------
 
     def publish(self, exchange: str, routing_key: str, body: bytes,
                 properties: dict[str, Any], mandatory: bool = False) -> int:
-        """Send a message; return its confirm sequence number (0 if not confirming)."""
-        if self.closed:
-            raise self.close_error or BrokerConnectionLost("channel is closed")
+        """Send a message; return its confirm sequence number (0 if not confirming).
+
+        Raises the channel's close error if it is not open, and EncodeError
+        (a ValueError) if the names or properties cannot be encoded; nothing is
+        written then. While the connection is blocked, the message is held (see
+        :meth:`withdraw`).
+        """
+        if self.state is not ChannelState.OPEN:
+            raise self._closed_error()
         ch = self.id
-        args = (b"\x00\x00" + _codec.encode_shortstr(exchange)
-                + _codec.encode_shortstr(routing_key) + (b"\x01" if mandatory else b"\x00"))
-        props = _properties.encode_properties(self._proto.spec.txcallme_props, properties)
-        self._proto.write(_frames.method_frame(ch, 60, 40, args)
-                          + _frames.content_frames(ch, 60, body, props, self._proto.MAX_LENGTH))
+        proto = self._proto
+        try:
+            args = (b"\x00\x00" + _codec.encode_shortstr(exchange)
+                    + _codec.encode_shortstr(routing_key) + (b"\x01" if mandatory else b"\x00"))
+            props = _properties.encode_properties(tables().props, properties)
+        except _ENCODE_ERRORS as e:
+            raise EncodeError("basic.publish", str(e).strip("'\"")) from None
+        data = (_frames.method_frame(ch, 60, 40, args)
+                + _frames.content_frames(ch, 60, body, props, proto.MAX_LENGTH))
+        connection = self.connection
         if self.confirming:
-            self._next_tag += 1
-            return self._next_tag
+            self._next_tag = seq = self._next_tag + 1
+            match = (exchange, routing_key, properties.get("correlation_id")) if mandatory \
+                else None
+            if connection.blocked_reason is not None:
+                connection.hold(self, seq, match, data)
+            else:
+                self._write_confirmed(seq, match, data)
+            return seq
+        if connection.blocked_reason is not None:
+            connection.hold(self, 0, None, data)
+        else:
+            proto.write(data)
         return 0
 
+    def _write_confirmed(self, seq: int, match: _Match, data: bytes) -> None:
+        self._broker_seq = broker_seq = self._broker_seq + 1
+        self._unconfirmed[broker_seq] = (seq, match)
+        self._proto.write(data)
+
+    def withdraw(self, seq: int) -> bool:
+        """Take back a publish held while the connection is blocked.
+
+        Returns True if it was still held (it will never be sent, and gets no
+        outcome), False if it was already written (its outcome will come).
+        """
+        return self.connection.withdraw(self, seq)
+
     def ack(self, delivery_tag: int, multiple: bool = False) -> None:
-        if not self.closed:
+        if self.state is ChannelState.OPEN:
             self._proto.write(_frames.method_frame(
-                self.id, 60, 80,
-                _ACK_ARGS.pack(delivery_tag, 1 if multiple else 0)))
+                self.id, 60, 80, _ACK_ARGS.pack(delivery_tag, 1 if multiple else 0)))
 
     def reject(self, delivery_tag: int, requeue: bool) -> None:
-        if not self.closed:
+        if self.state is ChannelState.OPEN:
             self._proto.write(_frames.method_frame(
                 self.id, 60, 90, _ACK_ARGS.pack(delivery_tag, 1 if requeue else 0)))
 
     # -- called by the protocol ------------------------------------------------
+
+    def method_received(self, info: MethodInfo, values: tuple[Any, ...]) -> None:
+        """A method frame without content for this channel."""
+        name = info.name
+        if name == "channel.close":
+            args = dict(zip(info.fields, values, strict=True))
+            self._proto.write(_frames.frame(
+                _frames.FRAME_METHOD, self.id, tables().encode_method("channel.close-ok", {})))
+            error = channel_error(args["reply_code"], _text(args["reply_text"]))
+            if self.state is not ChannelState.CLOSING:
+                log.warn("broker closed channel {id}: {error}", id=self.id, error=error)
+            self._mark_closed(error)
+            self._finish_close()
+            self.connection.release(self)
+            return
+        if name == "channel.close-ok":
+            self._mark_closed(BrokerConnectionLost(f"channel {self.id} closed by txcallme"))
+            self._finish_close()
+            self.connection.release(self)
+            return
+        if self.state is ChannelState.CLOSED:
+            return  # after our close: discard everything but close / close-ok
+        if name == "basic.cancel":
+            args = dict(zip(info.fields, values, strict=True))
+            tag = _text(args["consumer_tag"])
+            if not args.get("nowait"):
+                self._proto.write(_frames.frame(
+                    _frames.FRAME_METHOD, self.id,
+                    tables().encode_method("basic.cancel-ok", {"consumer_tag": tag})))
+            self.consumer_cancelled(tag)
+            return
+        if name == "channel.flow":
+            self._proto.write(_frames.frame(
+                _frames.FRAME_METHOD, self.id,
+                tables().encode_method("channel.flow-ok", {"active": values[0]})))
+            return
+        rpcs = self._rpcs
+        if rpcs and name in rpcs[0].responses:
+            rpc = rpcs.popleft()
+            if rpc.timer is not None:
+                rpc.timer.cancel()
+            rpc.deferred.callback(dict(zip(info.fields, values, strict=True)))
+            return
+        log.warn("unexpected {name} on channel {id}", name=name, id=self.id)
 
     def delivered(self, delivery: Delivery) -> None:
         callback = self._consumers.get(delivery.consumer_tag)
@@ -200,27 +475,101 @@ class Channel:
             log.failure("consumer callback failed")
 
     def returned(self, message: Returned) -> None:
+        if self.confirming and self._unconfirmed:
+            key = (message.exchange, message.routing_key,
+                   message.properties.get("correlation_id"))
+            returns = self._returns
+            for broker_seq, (_, match) in self._unconfirmed.items():
+                if match == key and broker_seq not in returns:
+                    returns[broker_seq] = message
+                    break
         if self.on_return is not None:
-            self.on_return(message)
+            try:
+                self.on_return(message)
+            except Exception:
+                log.failure("return callback failed")
 
     def confirmed(self, tag: int, multiple: bool, ok: bool) -> None:
+        unconfirmed = self._unconfirmed
+        if multiple:
+            while unconfirmed:
+                broker_seq = next(iter(unconfirmed))
+                if broker_seq > tag:
+                    break
+                seq, _ = unconfirmed.popitem(last=False)[1]
+                self._settle(broker_seq, seq, ok)
+        else:
+            entry = unconfirmed.pop(tag, None)
+            if entry is not None:
+                self._settle(tag, entry[0], ok)
         if self.on_confirm is not None:
-            self.on_confirm(tag, multiple, ok)
+            try:
+                self.on_confirm(tag, multiple, ok)
+            except Exception:
+                log.failure("confirm callback failed")
+
+    def _settle(self, broker_seq: int, seq: int, ok: bool) -> None:
+        returned = self._returns.pop(broker_seq, None) if self._returns else None
+        if not ok:
+            outcome = PublishOutcome.NACKED
+        elif returned is None:
+            outcome = PublishOutcome.TAKEN
+        else:
+            outcome = PublishOutcome(Outcome.RETURNED, f"{returned.reply_code} "
+                                     f"{returned.reply_text}", returned)
+        self._tell(seq, outcome)
+
+    def _tell(self, seq: int, outcome: PublishOutcome) -> None:
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(seq, outcome)
+            except Exception:
+                log.failure("publish outcome callback failed")
 
     def consumer_cancelled(self, tag: str) -> None:
         self._consumers.pop(tag, None)
+        log.warn("broker cancelled consumer {tag} on channel {id}", tag=tag, id=self.id)
         if self.on_consumer_cancelled is not None:
-            self.on_consumer_cancelled(tag)
+            try:
+                self.on_consumer_cancelled(tag)
+            except Exception:
+                log.failure("consumer cancel callback failed")
 
-    def closed_by_broker(self, error: CallmeError) -> None:
-        self._mark_closed(error)
+    def closed_by_broker(self, error: CallmeError, rpc_error: CallmeError | None = None) -> None:
+        """The connection is gone (*rpc_error*: what pending operations fail with)."""
+        self._mark_closed(error, rpc_error)
+        self._finish_close()
 
-    def _mark_closed(self, error: CallmeError) -> None:
-        if self.closed:
+    def _finish_close(self) -> None:
+        waiters, self._closing = self._closing, None
+        for d in waiters or ():
+            d.callback(None)
+
+    def _mark_closed(self, error: CallmeError, rpc_error: CallmeError | None = None) -> None:
+        if self.state is ChannelState.CLOSED:
             return
-        self.closed = True
+        self.state = ChannelState.CLOSED
         self.close_error = error
         self._consumers.clear()
+        rpcs, self._rpcs = self._rpcs, deque()
+        for rpc in rpcs:
+            if rpc.timer is not None:
+                rpc.timer.cancel()
+            if rpc.name == "channel.close":
+                rpc.deferred.callback({})
+            else:
+                rpc.deferred.errback(rpc_error or error)
+        lost = PublishOutcome(Outcome.LOST, str(error), error=error)
+        held = self.connection.drop_held(self) if self._held else []
+        unconfirmed, self._unconfirmed = self._unconfirmed, OrderedDict()
+        returns, self._returns = self._returns, {}
+        for broker_seq, (seq, _) in unconfirmed.items():
+            returned = returns.get(broker_seq)
+            self._tell(seq, lost if returned is None else PublishOutcome(
+                Outcome.RETURNED, f"{returned.reply_code} {returned.reply_text}", returned))
+        for seq in held:
+            if seq:
+                self._tell(seq, lost)
         for callback in self.on_close:
             try:
                 callback(error)
@@ -228,46 +577,150 @@ class Channel:
                 log.failure("channel close callback failed")
 
 
+def _none(_: Any) -> None:
+    return None
+
+
 class Connection:
-    """A logged-in AMQP connection (see :func:`txcallme.amqp.session.connect`)."""
+    """A logged-in AMQP connection (see :func:`txcallme.amqp.session.connect`).
+
+    Owns the table of its channels (:attr:`channels`, by id), the flow-control
+    state (:attr:`blocked_reason`, :attr:`on_blocked`) and the publishes held
+    while blocked. :attr:`server_properties` are the broker's connection.start
+    properties; :attr:`node` names the broker node reached (``host:port`` and the
+    cluster name when the broker gives one).
+    """
 
     def __init__(self, protocol: Any, params: Any) -> None:
         self.protocol = protocol
         self.params = params
         self.user: str = params.user
+        self.control_timeout: float = getattr(params, "control_timeout", 30.0)
+        self.channels: dict[int, Channel] = {}
+        self.blocked_reason: str | None = None
+        self.on_blocked: list[Callable[[str | None], None]] = []
+        self.server_properties: dict[str, Any] = {}
+        self.address: tuple[str, int] = params.hosts[0]
+        self._held: deque[tuple[Channel, int, _Match, bytes]] = deque()
         self._last_id = 0
 
     @property
     def lost(self) -> bool:
         return bool(self.protocol.closed)
 
+    @property
+    def node(self) -> str:
+        """``host:port`` reached, with the broker's cluster name and version if known."""
+        host, port = self.address
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        props = self.server_properties
+        extra = [f"{key} {_text(props[key])}" for key in ("cluster_name", "version")
+                 if props.get(key)]
+        return where + (f" ({', '.join(extra)})" if extra else "")
+
     def open_channel(self) -> Deferred[Channel]:
-        """Open a new channel; fires with a :class:`Channel`."""
-        async def run() -> Channel:
-            proto = self.protocol
-            if proto.closed:
-                raise BrokerConnectionLost("connection to the broker is closed")
+        """Open a new channel; fires with an OPEN :class:`Channel`.
+
+        Fails with BrokerConnectionLost, OperationTimeout, or CallmeError when
+        every channel id is in use.
+        """
+        proto = self.protocol
+        if proto.closed:
+            return fail(BrokerConnectionLost("connection to the broker is closed"))
+        try:
             channel_id = self._free_id()
-            txchannel = proto._channel_now(channel_id)
-            wrapper = Channel(self, txchannel)
-            proto.wrappers[channel_id] = wrapper
-            try:
-                await txchannel.channel_open()
-            except Exception as e:
-                proto.wrappers.pop(channel_id, None)
-                proto.channels.pop(channel_id, None)
-                raise _broker_error(e) from None
-            return wrapper
-        return Deferred.fromCoroutine(run())
+        except CallmeError as e:
+            return fail(e)
+        channel = self.channels[channel_id] = Channel(self, channel_id)
+        return channel._open().addCallback(lambda _: channel)
 
     def _free_id(self) -> int:
-        used = self.protocol.channels
+        used = self.channels
         limit = self.protocol.channel_max
         for _ in range(limit):
             self._last_id = self._last_id % limit + 1
             if self._last_id not in used:
                 return self._last_id
         raise CallmeError(f"all {limit} channels of the connection are in use")
+
+    def release(self, channel: Channel) -> None:
+        """The broker is done with *channel*'s id (close / close-ok)."""
+        if self.channels.get(channel.id) is channel:
+            del self.channels[channel.id]
+
+    def lost_all(self, error: CallmeError, rpc_error: CallmeError | None = None) -> None:
+        """The connection is gone: close every channel with *error*."""
+        channels = list(self.channels.values())
+        self.channels.clear()
+        for channel in channels:
+            channel.closed_by_broker(error, rpc_error)
+        self._held.clear()
+
+    # -- flow control --------------------------------------------------------
+
+    def set_blocked(self, reason: str | None) -> None:
+        """connection.blocked (*reason*) or connection.unblocked (None)."""
+        was = self.blocked_reason
+        if reason is not None:
+            reason = reason or "no reason given"
+            if was is None:
+                log.warn("broker {node} blocks publishes on this connection: {reason}",
+                         node=self.node, reason=reason)
+            self.blocked_reason = reason
+        else:
+            if was is None:
+                return
+            log.info("broker {node} unblocked this connection; sending {n} held publishes",
+                     node=self.node, n=len(self._held))
+            self.blocked_reason = None
+            held, self._held = self._held, deque()
+            for channel, seq, match, data in held:
+                channel._held -= 1
+                if channel.state is not ChannelState.OPEN:
+                    continue
+                if seq and channel.confirming:
+                    channel._write_confirmed(seq, match, data)
+                else:
+                    self.protocol.write(data)
+        for callback in list(self.on_blocked):
+            try:
+                callback(self.blocked_reason)
+            except Exception:
+                log.failure("blocked callback failed")
+
+    def hold(self, channel: Channel, seq: int, match: _Match, data: bytes) -> None:
+        """Keep a publish until the connection is unblocked."""
+        channel._held += 1
+        self._held.append((channel, seq, match, data))
+
+    def withdraw(self, channel: Channel, seq: int) -> bool:
+        """Drop a held publish (see :meth:`Channel.withdraw`)."""
+        if not seq or not channel._held:
+            return False
+        for index, item in enumerate(self._held):
+            if item[0] is channel and item[1] == seq:
+                del self._held[index]
+                channel._held -= 1
+                return True
+        return False
+
+    def drop_held(self, channel: Channel) -> list[int]:
+        """Drop every publish held for *channel*; return their numbers."""
+        kept: deque[tuple[Channel, int, _Match, bytes]] = deque()
+        dropped = []
+        for item in self._held:
+            if item[0] is channel:
+                dropped.append(item[1])
+            else:
+                kept.append(item)
+        self._held = kept
+        channel._held = 0
+        return dropped
+
+    @property
+    def held(self) -> int:
+        """Publishes held while the connection is blocked."""
+        return len(self._held)
 
     def close(self) -> Deferred[None]:
         """Close the connection cleanly; fires when the socket is closed."""

@@ -1,8 +1,11 @@
-"""Client endpoints for the broker: several addresses tried in turn, TLS,
-and connect failures turned into errors that name host and port."""
+"""Client endpoints for the broker: several addresses tried in turn (in a
+random order chosen once per endpoint with ``shuffle_hosts``), TLS, a
+``connector`` given in the params instead of TCP, and connect failures turned
+into errors that name host and port."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from twisted.internet import error as ierror
@@ -70,17 +73,27 @@ def tls_options(settings: TLSSettings, hostname: str) -> Any:
 class BrokerEndpoint:
     """Connects to the broker addresses in turn, one per attempt."""
 
-    def __init__(self, reactor: Any, params: ConnectionParams) -> None:
+    def __init__(self, reactor: Any, params: ConnectionParams,
+                 rng: random.Random | None = None) -> None:
         self._reactor = reactor
         self._params = params
         self._next = 0
         self._tls: dict[str, Any] = {}
-        self.last_address: tuple[str, int] = params.hosts[0]
+        hosts = list(params.hosts)
+        if params.shuffle_hosts:
+            (rng or random.Random()).shuffle(hosts)
+        #: the addresses in the order they are tried
+        self.hosts: tuple[tuple[str, int], ...] = tuple(hosts)
+        self.last_address: tuple[str, int] = self.hosts[0]
+        self._connector: Any = (params.connector(reactor) if params.connector is not None
+                                else None)
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:  # noqa: N803
-        host, port = self._params.hosts[self._next % len(self._params.hosts)]
+        host, port = self.hosts[self._next % len(self.hosts)]
         self._next += 1
         self.last_address = (host, port)
+        if self._connector is not None:
+            return self._connector.connect(protocolFactory)  # type: ignore[no-any-return]
         endpoint: Any = HostnameEndpoint(
             self._reactor, host, port, timeout=self._params.connect_timeout
         )

@@ -1,5 +1,11 @@
 """Logging in: the AMQP handshake on a fresh connection, and the broker's
-refusals turned into AuthenticationError, TLSError or BrokerUnreachable."""
+refusals turned into AuthenticationError, TLSError or BrokerUnreachable.
+
+The whole handshake is bounded by ``ConnectionParams.connect_timeout``; when it
+runs out the error is :class:`~txcallme.errors.ConnectTimeout` naming the
+phase it stopped in (``amqp header``, ``login``, ``vhost open``), never an
+AuthenticationError.
+"""
 
 from __future__ import annotations
 
@@ -15,30 +21,42 @@ from txcallme.errors import (
     BrokerConnectionLost,
     BrokerUnreachable,
     CallmeError,
+    ConnectTimeout,
     TLSError,
 )
 
 
 async def handshake(proto: Protocol, timeout_clock: Any = None) -> Connection:
-    """Log in and open the vhost; fail with a clear error if the broker refuses."""
+    """Log in and open the vhost; fire with the protocol's :class:`Connection`.
+
+    Fails with AuthenticationError, TLSError, BrokerUnreachable, ConnectTimeout
+    or BrokerConnectionLost.
+    """
     params = proto.params
-    host, port = getattr(proto.transport, "addr_for_errors", params.hosts[0])
+    connection: Connection = proto.connection
+    host, port = connection.address
     clock = timeout_clock or proto.clock
-    timer = clock.callLater(params.connect_timeout, proto.transport.abortConnection)
+    timed_out: list[str] = []
+
+    def give_up() -> None:
+        timed_out.append(proto.phase)
+        proto.transport.abortConnection()
+
+    timer = clock.callLater(params.connect_timeout, give_up)
     try:
         try:
             await proto.started.wait()
-        except Closed:
-            raise _login_error(proto, host, port) from None
-        channel0 = await proto.channel(0)
-        try:
+            channel0 = await proto.channel(0)
             await channel0.connection_open(params.vhost)
         except Closed:
+            if timed_out:
+                raise ConnectTimeout(host, port, timed_out[0], params.connect_timeout) from None
             raise _login_error(proto, host, port) from None
     finally:
         if timer.active():
             timer.cancel()
-    return Connection(proto, params)
+    proto.phase = "open"
+    return connection
 
 
 def _login_error(proto: Protocol, host: str, port: int) -> CallmeError:

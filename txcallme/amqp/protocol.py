@@ -1,26 +1,26 @@
-"""The only module that imports txamqp.
+"""txamqp's protocol and factory with txcallme's frame pipeline.
 
-txamqp supplies the spec model, the channel RPC machinery for control methods
-(declare, bind, qos, consume, close) and the factory. Its per-frame pipeline
-is replaced here: frames are split and decoded by :mod:`txcallme.amqp.codec`
-(every field-table type, bodies always bytes), deliveries, returns and
-publisher confirms are dispatched synchronously to callbacks instead of
-through locks, queues and ``inlineCallbacks``, and publishes and acks are
-written as precomputed bytes. Connection set-up turns the broker's refusals
-into :class:`~txcallme.errors.AuthenticationError`.
+txamqp supplies the factory (the way txcallme connects) and the connection
+handshake on channel 0 (start, tune, open, close). Everything else is
+replaced: frames are split and decoded by :mod:`txcallme.amqp.codec`
+(every field-table type, bodies always bytes), and every frame on channels 1
+and up goes straight to its :class:`~txcallme.amqp.channel.Channel` (control
+answers, deliveries, returns, confirms, broker closes and cancels), found in
+the one channel table of the :class:`~txcallme.amqp.channel.Connection`
+(:attr:`Protocol.connection`). Heartbeats are written as precomputed bytes.
+An exception while encoding a channel-0 frame drops the connection instead of
+silencing txamqp's writer.
 """
 
 from __future__ import annotations
 
+import math
 import platform
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txamqp import spec as txspec
 from txamqp.client import Closed as Closed  # re-exported for handshake
 from txamqp.client import TwistedDelegate
 from txamqp.connection import Body, Frame, Header, Heartbeat, Method
@@ -32,40 +32,27 @@ from txcallme._version import __version__
 from txcallme.amqp import codec as _codec
 from txcallme.amqp import frames as _frames
 from txcallme.amqp import properties as _properties
-from txcallme.amqp.channel import Channel, Delivery, Returned
+from txcallme.amqp.channel import Connection, Delivery, Returned
 from txcallme.amqp.params import ConnectionParams
-from txcallme.errors import (
-    BrokerConnectionLost,
-    CallmeError,
-    channel_error,
-)
+from txcallme.amqp.spec import load_spec, tables
+from txcallme.errors import BrokerConnectionLost, channel_error
 
 log = Logger(namespace="callme.connection")
 
-SPEC_PATH = Path(__file__).with_name("amqp0-9-1.xml")
 _DELIVER, _RETURN, _ACK, _NACK = (60, 60), (60, 50), (60, 80), (60, 120)
 
-
-@lru_cache(maxsize=1)
-def load_spec() -> Any:
-    """The project's AMQP 0-9-1 spec, loaded once per process."""
-    spec = txspec.load(str(SPEC_PATH))
-    spec.txcallme_methods = {
-        (m.klass.id, m.id): (m, tuple(f.type for f in m.fields))
-        for c in spec.classes for m in c.methods
-    }
-    spec.txcallme_types = {m: types for m, types in spec.txcallme_methods.values()}
-    basic = spec.classes.byname["basic"]
-    spec.txcallme_props = tuple((txspec.pythonize(f.name), f.type) for f in basic.fields)
-    spec.txcallme_raw_props = tuple((f.name, f.type) for f in basic.fields)
-    return spec
+__all__ = ["Closed", "Protocol", "ProtocolFactory", "load_spec"]
 
 
 class _Delegate(TwistedDelegate):
-    """Connection handshake and broker-initiated methods."""
+    """Connection handshake and broker-initiated methods on channel 0."""
 
     def connection_start(self, ch: Any, msg: Message) -> None:
-        params: ConnectionParams = self.client.params
+        client: Protocol = self.client
+        params = client.params
+        server = msg.server_properties
+        client.connection.server_properties = server if isinstance(server, dict) else {}
+        client.phase = "login"
         properties = {
             "product": "txcallme", "version": __version__,
             "platform": f"Python {platform.python_version()}",
@@ -80,7 +67,7 @@ class _Delegate(TwistedDelegate):
         else:
             mechanism = "PLAIN"
             response = b"\0" + params.user.encode() + b"\0" + params.password.encode()
-        self.client.login_sent = True
+        client.login_sent = True
         ch.connection_start_ok(client_properties=properties, mechanism=mechanism,
                                response=response, locale="en_US")
 
@@ -88,33 +75,26 @@ class _Delegate(TwistedDelegate):
         client: Protocol = self.client
         ours = client.params.frame_max
         frame_max = min(ours, msg.frame_max) if msg.frame_max else ours
-        heartbeat = int(client.params.heartbeat)
+        heartbeat = math.ceil(client.params.heartbeat)  # params refuse 0 < heartbeat < 1
         if heartbeat and msg.heartbeat:
             heartbeat = min(heartbeat, msg.heartbeat)
         client.MAX_LENGTH = frame_max
         ch.connection_tune_ok(msg.channel_max or 2047, frame_max, heartbeat)
         client.channel_max = msg.channel_max or 2047
+        client.heartbeat = heartbeat
+        client.phase = "vhost open"
         client.start_heartbeat(heartbeat)
         client.started.fire()
-
-    def channel_close(self, ch: Any, msg: Message) -> None:
-        ch.channel_close_ok()
-        ch.do_close(msg)
 
     def connection_close(self, ch: Any, msg: Message) -> None:
         self.client.close_reason = (msg.reply_code, _text(msg.reply_text))
         super().connection_close(ch, msg)
 
-    def basic_cancel(self, ch: Any, msg: Message) -> None:
-        wrapper = self.client.wrappers.get(ch.id)
-        if wrapper is not None:
-            wrapper.consumer_cancelled(_text(msg.consumer_tag))
-
     def connection_blocked(self, ch: Any, msg: Message) -> None:
-        log.warn("broker blocked this connection: {reason}", reason=_text(msg.reason))
+        self.client.connection.set_blocked(_text(msg.reason))
 
     def connection_unblocked(self, ch: Any, msg: Message) -> None:
-        log.info("broker unblocked this connection")
+        self.client.connection.set_blocked(None)
 
 
 def _text(value: Any) -> str:
@@ -137,15 +117,24 @@ class _Partial:
 
 
 class Protocol(AMQClient):
-    """txamqp's client with txcallme's frame pipeline."""
+    """txamqp's client with txcallme's frame pipeline.
+
+    :attr:`connection` is the one :class:`Connection` of this protocol
+    (channel table, flow control, server properties); :attr:`phase` is where
+    the handshake is (``"tcp"``, ``"amqp header"``, ``"login"``,
+    ``"vhost open"``, ``"open"``), for timeout errors.
+    """
 
     def __init__(self, delegate: Any, params: ConnectionParams, clock: Any) -> None:
         super().__init__(delegate, params.vhost, load_spec(), heartbeat=0, clock=clock)
         self.params = params
-        self.wrappers: dict[int, Channel] = {}
+        self.tables = tables()
+        self.connection = Connection(self, params)
         self.close_reason: tuple[int, str] | None = None
         self.login_sent = False
+        self.phase = "tcp"
         self.channel_max = 2047
+        self.heartbeat = 0
         self.max_body_size: int | None = None
         self.on_lost: list[Any] = []
         self._buffer = bytearray()
@@ -162,6 +151,8 @@ class Protocol(AMQClient):
                 transport.setTcpNoDelay(True)
                 break
             transport = getattr(transport, "transport", None)
+        self.phase = "amqp header"
+        self._last_received = self.clock.seconds()
         super().connectionMade()
 
     # -- incoming ------------------------------------------------------------
@@ -193,17 +184,22 @@ class Protocol(AMQClient):
     def _frame(self, kind: int, channel: int, payload: bytes) -> None:
         if kind == _frames.FRAME_METHOD:
             key = _frames.decode_method_head(payload)
-            method, types = self.spec.txcallme_methods[key]
-            args = _codec.decode_arguments(types, payload, 4)
-            if method.content:
+            info = self.tables.by_key[key]
+            args = _codec.decode_arguments(info.types, payload, 4)
+            if channel == 0:
+                self._channel_now(0).dispatch(Frame(0, Method(info.txmethod, *args)),
+                                              self.work)
+                return
+            if info.content:
                 self._partial[channel] = _Partial(key, args)
+                return
+            wrapper = self.connection.channels.get(channel)
+            if wrapper is None:
+                log.warn("{name} for unknown channel {id}", name=info.name, id=channel)
             elif key == _ACK or key == _NACK:
-                wrapper = self.wrappers.get(channel)
-                if wrapper is not None:
-                    wrapper.confirmed(args[0], args[1], key == _ACK)
+                wrapper.confirmed(args[0], args[1], key == _ACK)
             else:
-                self._channel_now(channel).dispatch(Frame(channel, Method(method, *args)),
-                                                    self.work)
+                wrapper.method_received(info, args)
         elif kind == _frames.FRAME_HEADER:
             self._header(channel, payload)
         elif kind == _frames.FRAME_BODY:
@@ -218,7 +214,7 @@ class Protocol(AMQClient):
         partial = self._partial[channel]
         try:
             _, partial.size, partial.properties = _frames.decode_content_header(
-                payload, self.spec.txcallme_props)
+                payload, self.tables.props)
         except (_codec.DecodeError, KeyError, ValueError) as e:
             _, partial.size = _frames.decode_content_header_size(payload)
             partial.problem = f"undecodable message properties: {e}"
@@ -230,8 +226,8 @@ class Protocol(AMQClient):
 
     def _content_done(self, channel: int) -> None:
         partial = self._partial.pop(channel)
-        wrapper = self.wrappers.get(channel)
-        if wrapper is None:
+        wrapper = self.connection.channels.get(channel)
+        if wrapper is None or wrapper.closed:
             return
         chunks = partial.chunks
         body = b"".join(chunks) if len(chunks) != 1 else chunks[0]
@@ -241,7 +237,7 @@ class Protocol(AMQClient):
             wrapper.delivered(Delivery(body, props, dtag, redelivered, exchange, rkey, tag,
                                        partial.problem, partial.size))
         elif partial.key == _RETURN:
-            wrapper.returned(Returned(args[0], args[1], args[2], args[3], props))
+            wrapper.returned(Returned(args[0], _text(args[1]), args[2], args[3], props))
         else:
             log.warn("ignoring unexpected content method {key}", key=partial.key)
 
@@ -257,10 +253,10 @@ class Protocol(AMQClient):
         payload = frame.payload
         if isinstance(payload, Method):
             method = payload.method
-            args = _codec.encode_arguments(self.spec.txcallme_types[method], payload.args)
+            args = _codec.encode_arguments(self.tables.types[method], payload.args)
             return _frames.method_frame(frame.channel, method.klass.id, method.id, args)
         if isinstance(payload, Header):
-            props = _properties.encode_properties(self.spec.txcallme_raw_props, payload.properties)
+            props = _properties.encode_properties(self.tables.raw_props, payload.properties)
             return _frames.frame(_frames.FRAME_HEADER, frame.channel,
                                 _frames.CONTENT_HEAD.pack(payload.klass.id, 0, payload.size)
                                 + props)
@@ -270,11 +266,22 @@ class Protocol(AMQClient):
             return _frames.frame(_frames.FRAME_HEARTBEAT, 0, b"")
         raise TypeError(f"cannot encode {payload!r}")
 
+    def writer(self, frame: Frame) -> None:
+        # txamqp's writer stops for good if one frame raises: keep it alive.
+        try:
+            self.send_frame(frame)
+        except Exception:
+            log.failure("cannot encode a connection frame; dropping the connection")
+            if self.transport is not None:
+                self.transport.abortConnection()
+        finally:
+            self.outgoing.get().addCallback(self.writer)
+
     def send_frame(self, frame: Frame) -> None:
         self.transport.write(self._pack_frame(frame))
 
     def write(self, data: bytes) -> None:
-        """Write precomputed frames (publishes, acks) straight to the transport."""
+        """Write precomputed frames (publishes, acks, control methods) to the transport."""
         self.transport.write(data)
 
     # -- heartbeats ----------------------------------------------------------
@@ -292,23 +299,14 @@ class Protocol(AMQClient):
 
     def _check_heartbeat(self, interval: int) -> None:
         if self.clock.seconds() - self._last_received > 2 * interval:
-            log.warn("no frame from the broker for {s} s: dropping the connection",
-                     s=2 * interval)
+            log.warn("no frame from the broker {node} for {s} s: dropping the connection",
+                     node=self.connection.node, s=2 * interval)
             self.transport.abortConnection()
 
-    # -- channels and closing ------------------------------------------------
+    # -- closing ---------------------------------------------------------------
 
     def channel_failed(self, channel: Any, reason: Failure) -> None:
-        wrapper = self.wrappers.pop(channel.id, None)
-        self.channels.pop(channel.id, None)
-        msg = reason.value
-        error: CallmeError
-        if isinstance(msg, Message):
-            error = channel_error(msg.reply_code, _text(msg.reply_text))
-        else:
-            error = BrokerConnectionLost(str(msg))
-        if wrapper is not None:
-            wrapper.closed_by_broker(error)
+        pass  # only channel 0 goes through txamqp; the connection close handles it
 
     def do_close(self, reason: Any) -> None:
         # txamqp iterates the live dict while closing channels can change it.
@@ -323,10 +321,17 @@ class Protocol(AMQClient):
             if loop.running:
                 loop.stop()
         self.lost_reason = reason
-        error = BrokerConnectionLost(f"connection to the broker lost: {reason.getErrorMessage()}")
-        for wrapper in list(self.wrappers.values()):
-            wrapper.closed_by_broker(error)
-        self.wrappers.clear()
+        if self.close_reason is not None:
+            code, text = self.close_reason
+            error = BrokerConnectionLost(f"broker closed the connection: {code} {text}")
+            rpc_error = channel_error(code, text)
+        else:
+            error = BrokerConnectionLost(
+                f"connection to the broker lost: {reason.getErrorMessage()}")
+            rpc_error = None
+        connection = self.connection
+        connection.blocked_reason = None
+        connection.lost_all(error, rpc_error)
         super().connectionLost(reason)
         for callback in self.on_lost:
             callback(error)

@@ -7,6 +7,15 @@ after it. :class:`ConfirmedPublisher` keeps every unconfirmed message; when
 its channel dies it fails the messages sent to the exchange the broker named,
 and (with ``replay=True``) publishes the others again on a fresh channel, so
 one bad destination never takes other messages down with it.
+
+It is built on the channel's per-publish outcomes
+(:attr:`~txcallme.amqp.channel.Channel.on_outcome`); the errors say which
+outcome it was: :class:`~txcallme.errors.Unroutable` (returned),
+:class:`~txcallme.errors.PublishNacked` (a ChannelError),
+:class:`~txcallme.errors.PublishLost` (a BrokerConnectionLost: the channel or
+connection died before the confirm, and the message was not re-published), or
+the channel's own error (NotFound, AccessRefused) for the message that caused
+the channel's close.
 """
 
 from __future__ import annotations
@@ -20,8 +29,15 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txcallme.amqp.channel import Channel, Returned
-from txcallme.errors import BrokerConnectionLost, CallmeError, ChannelError, Unroutable
+from txcallme.amqp.channel import Channel, Outcome, PublishOutcome, Returned
+from txcallme.errors import (
+    BrokerConnectionLost,
+    CallmeError,
+    ChannelError,
+    PublishLost,
+    PublishNacked,
+    Unroutable,
+)
 
 log = Logger(namespace="callme.connection")
 
@@ -48,13 +64,15 @@ class ConfirmedPublisher:
         self._opening: Deferred[Channel] | None = None
         self._waiting: list[_Message] = []
         self._unconfirmed: OrderedDict[int, _Message] = OrderedDict()
+        self._lost: list[_Message] = []
         self._closed = False
 
     def publish(self, exchange: str, routing_key: str, body: bytes,
                 properties: dict[str, Any], mandatory: bool = False) -> Deferred[None]:
         """Fires when the broker confirms; fails with Unroutable (mandatory and
-        nothing bound), AccessRefused/NotFound (the exchange), ChannelError
-        (nack) or BrokerConnectionLost."""
+        nothing bound), AccessRefused/NotFound (the exchange), PublishNacked
+        (a ChannelError), PublishLost or BrokerConnectionLost, EncodeError
+        (names or properties AMQP cannot carry)."""
         message = _Message(exchange, routing_key, body, properties, mandatory, Deferred())
         if self._closed:
             message.done.errback(BrokerConnectionLost("publisher is closed"))
@@ -98,8 +116,7 @@ class ConfirmedPublisher:
             channel.close()
             return
         self._channel = channel
-        channel.on_confirm = self._confirmed
-        channel.on_return = self._returned
+        channel.on_outcome = self._outcome
         channel.on_close.append(lambda error: self._channel_closed(channel, error))
         waiting, self._waiting = self._waiting, []
         for message in waiting:
@@ -111,49 +128,42 @@ class ConfirmedPublisher:
         for message in waiting:
             message.done.errback(reason)
 
-    def _confirmed(self, tag: int, multiple: bool, ok: bool) -> None:
-        if multiple:  # tags are in ascending order: stop at the first one past *tag*
-            tags = []
-            for t in self._unconfirmed:
-                if t > tag:
-                    break
-                tags.append(t)
-        else:
-            tags = [tag] if tag in self._unconfirmed else []
-        for t in tags:
-            message = self._unconfirmed.pop(t)
-            if not ok:
-                message.done.errback(ChannelError(0, "broker nacked the message"))
-            elif message.returned is not None:
-                r = message.returned
-                message.done.errback(Unroutable(r.exchange, r.routing_key, r.reply_text))
-            else:
-                message.done.callback(None)
-
-    def _returned(self, returned: Returned) -> None:
-        corr = returned.properties.get("correlation_id")
-        for message in self._unconfirmed.values():
-            if (message.returned is None and message.exchange == returned.exchange
-                    and message.routing_key == returned.routing_key
-                    and message.properties.get("correlation_id") == corr):
-                message.returned = returned
-                return
+    def _outcome(self, seq: int, outcome: PublishOutcome) -> None:
+        message = self._unconfirmed.pop(seq, None)
+        if message is None:
+            return
+        kind = outcome.kind
+        if kind is Outcome.TAKEN:
+            message.done.callback(None)
+        elif kind is Outcome.RETURNED:
+            r = outcome.returned
+            assert r is not None
+            message.returned = r
+            message.done.errback(Unroutable(r.exchange, r.routing_key, r.reply_text))
+        elif kind is Outcome.NACKED:
+            message.done.errback(PublishNacked())
+        else:  # LOST: decided when the channel's close arrives, right after
+            self._lost.append(message)
 
     def _channel_closed(self, channel: Channel, error: CallmeError) -> None:
         if channel is not self._channel:
             return
         self._channel = None
-        pending = list(self._unconfirmed.values())
+        pending = self._lost + list(self._unconfirmed.values())
+        self._lost = []
         self._unconfirmed.clear()
         bad = getattr(error, "object", "")
-        replayable = self._replay and isinstance(error, ChannelError) and not self._closed
+        refused = isinstance(error, ChannelError)
+        replayable = self._replay and refused and not self._closed
         again: list[_Message] = []
         for index, message in enumerate(pending):
-            culprit = message.exchange == bad if bad else index == 0
-            if replayable and not culprit:
+            culprit = refused and (message.exchange == bad if bad else index == 0)
+            if culprit:
+                message.done.errback(error)
+            elif replayable:
                 again.append(message)
             else:
-                message.done.errback(error)
+                message.done.errback(PublishLost(error))
         if again:
             log.info("re-publishing {n} messages after channel error {error}",
                      n=len(again), error=error)
@@ -161,13 +171,14 @@ class ConfirmedPublisher:
             self._ensure_channel()
 
     def close(self) -> Deferred[None]:
-        """Fail what is unconfirmed and close the channel."""
+        """Fail what is unconfirmed (PublishLost) and close the channel."""
         self._closed = True
-        error = BrokerConnectionLost("publisher closed")
-        for message in [*self._unconfirmed.values(), *self._waiting]:
+        error = PublishLost(text="publisher closed before the broker confirmed")
+        for message in [*self._lost, *self._unconfirmed.values(), *self._waiting]:
             if not message.done.called:
                 message.done.errback(error)
         self._unconfirmed.clear()
+        self._lost.clear()
         self._waiting.clear()
         channel, self._channel = self._channel, None
         if channel is not None and not channel.closed:

@@ -1,7 +1,11 @@
 """A broker connection that comes back.
 
 Connect (addresses in turn), log in, run the owner's set-up (declares,
-consumers); on failure or loss, retry with exponential backoff. This is a
+consumers) within ``ConnectionParams.prepare_timeout``; on failure or loss,
+retry with exponential backoff. A failed set-up is logged at error with its
+reason; before the first success it also fails :meth:`Session.ready`
+waiters. Every connection log line names the node reached
+(:attr:`Connection.node`: ``host:port`` and the broker's cluster name). This is a
 small loop of our own rather than Twisted's ``ClientService``: ClientService
 leaves a connection whose preparation failed open and then raises
 ``NoTransition`` when it closes, and fails ``whenConnected`` waiters in the
@@ -23,7 +27,7 @@ from txcallme.amqp.endpoint import BrokerEndpoint
 from txcallme.amqp.handshake import handshake
 from txcallme.amqp.params import ConnectionParams
 from txcallme.amqp.protocol import ProtocolFactory
-from txcallme.errors import CallmeError
+from txcallme.errors import CallmeError, OperationTimeout
 
 
 def backoff(attempt: int, initial: float = 0.5, maximum: float = 10.0) -> float:
@@ -109,15 +113,37 @@ class Session:
 
     async def _try_once(self) -> Connection:
         proto = await self._endpoint.connect(self._factory)
-        proto.transport.addr_for_errors = self._endpoint.last_address
+        proto.connection.address = self._endpoint.last_address
         proto.max_body_size = self._max_body_size
         try:
             connection = await handshake(proto)
-            await self._prepare(connection)
+            await self._prepared(connection)
         except BaseException:
             proto.transport.abortConnection()
             raise
         return connection
+
+    async def _prepared(self, connection: Connection) -> None:
+        """Run the owner's set-up, bounded by ``prepare_timeout``."""
+        timeout = self._params.prepare_timeout
+        d = Deferred.fromCoroutine(_awaited(self._prepare(connection)))
+        timed_out: list[bool] = []
+
+        def give_up() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timer = self._reactor.callLater(timeout, give_up)
+        try:
+            await d
+        except CancelledError:
+            if timed_out:
+                raise OperationTimeout(f"{self._name} set-up", timeout,
+                                       f"on {connection.node}") from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
 
     def _connected(self, connection: Connection) -> None:
         self._attempt = None
@@ -129,8 +155,8 @@ class Session:
         self.ever_connected = True
         self.last_error = None
         connection.protocol.on_lost.append(lambda e: self._connection_lost(connection, e))
-        self._log.info("{name}: connected to {broker}", name=self._name,
-                       broker=self._params.describe())
+        self._log.info("{name}: connected to {node} ({broker})", name=self._name,
+                       node=connection.node, broker=self._params.describe())
         waiters, self._waiters = self._waiters, []
         for d, _ in waiters:
             d.callback(connection)
@@ -142,14 +168,19 @@ class Session:
         self.last_error = reason
         self._failures += 1
         hosts = len(self._params.hosts)
+        host, port = self._endpoint.last_address
         if self._failures % hosts:  # try the next address at once
+            self._log.warn("{name}: cannot connect to {host}:{port}: {error}; trying the "
+                           "next broker address", name=self._name, host=host, port=port,
+                           error=reason.value)
             if self.running:
                 self._retry = self._reactor.callLater(0, self._connect)
             return
         delay = backoff(self._failures // hosts)
         self._log.error(
-            "{name}: cannot connect to {broker}: {error}; retrying in {delay:.1f} s",
-            name=self._name, broker=self._params.describe(), error=reason.value, delay=delay)
+            "{name}: cannot connect to {broker} (last tried {host}:{port}): {error}; "
+            "retrying in {delay:.1f} s", name=self._name, broker=self._params.describe(),
+            host=host, port=port, error=reason.value, delay=delay)
         if self.running:
             self._retry = self._reactor.callLater(delay, self._connect)
         failing = [d for d, fail_fast in self._waiters if fail_fast]
@@ -162,7 +193,8 @@ class Session:
             return
         self.connection = None
         if self.running:
-            self._log.warn("{name}: lost the broker connection; reconnecting", name=self._name)
+            self._log.warn("{name}: lost the connection to {node}: {error}; reconnecting",
+                           name=self._name, node=connection.node, error=error)
             self._retry = self._reactor.callLater(backoff(1, initial=0.1), self._connect)
         self._lost(error)
 
@@ -175,7 +207,11 @@ def connect(reactor: Any, params: ConnectionParams) -> Deferred[Connection]:
     async def run() -> Connection:
         endpoint = BrokerEndpoint(reactor, params)
         proto = await endpoint.connect(ProtocolFactory(params, reactor))
-        proto.transport.addr_for_errors = endpoint.last_address
+        proto.connection.address = endpoint.last_address
         return await handshake(proto)
 
     return Deferred.fromCoroutine(run())
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
