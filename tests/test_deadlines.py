@@ -42,3 +42,46 @@ class DeadlinesTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(2.0)
         self.assertEqual(self.expired, [])
+
+    def test_add_from_expire_keeps_the_timer_at_the_earliest(self) -> None:
+        """An expiry that adds a later deadline (a retry) leaves the timer at the
+        earliest pending deadline, not at the new one."""
+        def expire(corr: str) -> None:
+            self.expired.append(corr)
+            if corr == "a":
+                self.deadlines.add(self.clock.seconds() + 60, "retry")
+
+        self.deadlines = Deadlines(self.clock, expire)
+        self.deadlines.add(1.0, "a")
+        self.deadlines.add(2.0, "b")
+        self.clock.advance(1.0)
+        self.assertEqual(self.expired, ["a"])
+        self.clock.advance(1.0)
+        self.assertEqual(self.expired, ["a", "b"])  # at 2 s, not at 61 s
+        self.clock.advance(59.0)
+        self.assertEqual(self.expired, ["a", "b", "retry"])
+
+    def test_removed_entries_leave_the_heap_at_once(self) -> None:
+        """remove() takes an entry out at once: the heap holds only pending deadlines,
+        and the last removal leaves nothing in the clock."""
+        entries = [self.deadlines.add(3600.0 + (i * 7919) % 1000, f"c{i}")
+                   for i in range(10_000)]
+        for entry in entries[::2]:
+            self.deadlines.remove(entry)
+        self.assertEqual(len(self.deadlines), 5_000)
+        self.deadlines.remove(entries[0])  # twice: no effect
+        self.assertEqual(len(self.deadlines), 5_000)
+        for entry in entries[1::2]:
+            self.deadlines.remove(entry)
+        self.assertEqual(len(self.deadlines), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_expiry_order_after_removals(self) -> None:
+        """After arbitrary removals the rest still expire in deadline order."""
+        entries = {corr: self.deadlines.add(when, corr)
+                   for corr, when in [("e", 5.0), ("a", 1.0), ("d", 4.0), ("b", 2.0),
+                                      ("c", 3.0)]}
+        self.deadlines.remove(entries["a"])
+        self.deadlines.remove(entries["d"])
+        self.clock.advance(10.0)
+        self.assertEqual(self.expired, ["b", "c", "e"])

@@ -75,3 +75,47 @@ async def test_server_connection_closed_calls_answered_once(services: Services,
     assert [o[0] for o in outcomes] == [4] * 16, outcomes
     assert proxy.pending_count == 0
     assert await proxy.call(sid, "add", 1, 1) == 2
+
+
+async def slow_async(seconds: float) -> float:
+    await sleep(seconds)
+    return seconds
+
+
+@pytest_twisted.ensureDeferred
+async def test_reply_queue_deleted_fails_at_once_and_recovers(services: Services,
+                                                              sid: str) -> None:
+    """Deleting the Proxy's reply queue fails the calls in flight at once with a clear
+    error (not a timeout); a new reply queue serves the next calls."""
+    await services.start_server(sid, {"slow_async": slow_async, "add": add})
+    proxy = await services.ready_proxy(timeout=60)
+    old = proxy.queue
+    calls = [proxy.call(sid, "slow_async", 3) for _ in range(4)]
+    await sleep(0.5)
+    start = time.monotonic()
+    ctl("delete_queue", old)
+    for ok, value in await defer.DeferredList(calls, consumeErrors=True):
+        assert not ok and value.check(txcallme.BrokerConnectionLost), value
+        assert f"reply queue {old}" in str(value.value)
+    assert time.monotonic() - start < 20  # the broker's cancel, not the 60 s timeout
+    assert await proxy.call(sid, "add", 1, 1) == 2
+    assert proxy.queue != old
+    assert old not in ctl("list_queues", "name").split()
+    await sleep(3.5)  # the replies to the failed calls reach nothing: dropped
+    assert proxy.pending_count == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_reconnects_with_fresh_reply_names(services: Services, sid: str) -> None:
+    """After its connection is closed the Proxy declares new reply names (no 405
+    RESOURCE_LOCKED on the old exclusive queue) and calls work again."""
+    await services.start_server(sid, {"add": add})
+    proxy = await services.ready_proxy(timeout=30)
+    old = (proxy.exchange, proxy.queue)
+    before = proxy._session.connection
+    ctl("close_connection", connection_pid(proxy), "txcallme test: close the proxy")
+    await wait_for(lambda: proxy._session.connection not in (None, before), 30,
+                   "the proxy's reconnection")
+    assert (proxy.exchange, proxy.queue) != old
+    assert proxy.exchange.startswith("client_guest_ex_")
+    assert await proxy.call(sid, "add", 2, 3) == 5

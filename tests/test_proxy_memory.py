@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -14,6 +14,9 @@ from txcallme.amqp import Session
 from txcallme.amqp.memory import MemoryBroker
 from txcallme.errors import (
     BrokerConnectionLost,
+    BrokerUnreachable,
+    PayloadTooLarge,
+    RpcTimeout,
     ServerUnavailable,
 )
 
@@ -22,11 +25,15 @@ class MemoryEndpoint:
     """The broker's endpoint, with the address a Session logs."""
 
     last_address = ("memory", 5672)
+    #: while True, connection attempts are refused (the broker is away)
+    down = False
 
     def __init__(self, broker: MemoryBroker) -> None:
         self._endpoint = broker.endpoint()
 
     def connect(self, factory: Any) -> Any:
+        if self.down:
+            return fail(BrokerUnreachable("memory", 5672, "down for the test"))
         return self._endpoint.connect(factory)
 
 
@@ -37,6 +44,7 @@ class Rig:
         self.clock = Clock()
         self.broker = MemoryBroker(self.clock)
         self.servers: list[CallmeServerService] = []
+        self.endpoints: list[MemoryEndpoint] = []
 
     def proxy(self, **kw: Any) -> Proxy:
         broker = self.broker
@@ -44,8 +52,11 @@ class Rig:
         class MemoryProxy(Proxy):
             def _make_session(self, reactor: Any, max_body_size: int) -> Session:
                 session = super()._make_session(reactor, max_body_size)
-                session._endpoint = MemoryEndpoint(broker)  # type: ignore[assignment]
+                session._endpoint = endpoint  # type: ignore[assignment]
                 return session
+
+        endpoint = MemoryEndpoint(broker)
+        self.endpoints.append(endpoint)
 
         kw.setdefault("timeout", 30)
         proxy = MemoryProxy(reactor=self.clock, **kw)
@@ -155,3 +166,221 @@ class ServerEventTests(SynchronousTestCase):
         proxy._session.connection.protocol.transport.loseConnection()  # type: ignore[union-attr]
         rig.settle(0.1)
         self.assertIsInstance(call.value, BrokerConnectionLost)
+
+
+class HeldEndpoint(MemoryEndpoint):
+    """Connects only when :meth:`release` is called (a slow broker)."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        super().__init__(broker)
+        self.gate: Deferred[None] = Deferred()
+
+    def connect(self, factory: Any) -> Any:
+        d = Deferred()
+        self.gate.addCallback(lambda _: self._endpoint.connect(factory).chainDeferred(d))
+        return d
+
+    def release(self) -> None:
+        self.gate.callback(None)
+
+
+def requests_in(rig: Rig, server_id: str) -> int:
+    """Requests waiting in *server_id*'s queue on the in-memory broker."""
+    queue = rig.broker.queues.get(f"server_{server_id}_queue")
+    return 0 if queue is None else len(queue.messages)
+
+
+class ReplyQueueTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.rig = Rig()
+
+    def test_deleted_reply_queue_fails_calls_at_once_and_recovers(self) -> None:
+        """basic.cancel of the reply queue fails the calls in flight at once (not a
+        timeout), a new reply queue is declared with a new name, new calls work."""
+        rig = self.rig
+        rig.server("s1", {"slow": slow(rig)})
+        proxy = rig.proxy()
+        old_queue, old_exchange = proxy.queue, proxy.exchange
+        names: list[tuple[str, str]] = []
+        proxy.on_reply_names.append(lambda e, q: names.append((e, q)))
+        calls = [Outcome(proxy.call("s1", "slow", 5, i)) for i in range(3)]
+        rig.settle(0.1)
+        rig.broker.delete_queue(old_queue)
+        rig.settle(0)
+        for call in calls:
+            self.assertIsInstance(call.value, BrokerConnectionLost)
+            self.assertIn(f"reply queue {old_queue}", str(call.value))
+        during = Outcome(proxy.call("s1", "slow", 0, "during"))  # waits for the new queue
+        rig.settle(1.0)
+        self.assertEqual(names, [(proxy.exchange, proxy.queue)])
+        self.assertNotEqual(proxy.queue, old_queue)
+        self.assertNotIn(old_exchange, rig.broker.exchanges)
+        self.assertIn(proxy.queue, rig.broker.queues)
+        self.assertEqual(during.value, "during")
+        after = Outcome(proxy.call("s1", "slow", 0, "after"))
+        rig.settle(0.1)
+        self.assertEqual(after.value, "after")
+        rig.settle(6)  # the replies to the failed calls arrive at the old name: dropped
+        self.assertEqual(proxy.pending_count, 0)
+        self.assertEqual([len(c.results) for c in calls], [1, 1, 1])
+
+    def test_fresh_reply_names_per_connection(self) -> None:
+        """Each connection declares reply names of its own; the old ones are gone."""
+        rig = self.rig
+        rig.server("s1", {"slow": slow(rig)})
+        proxy = rig.proxy()
+        first = (proxy.exchange, proxy.queue)
+        rig.broker.drop_connections()
+        rig.settle(2)
+        second = (proxy.exchange, proxy.queue)
+        self.assertNotEqual(first, second)
+        self.assertNotIn(first[1], rig.broker.queues)
+        self.assertIn(second[1], rig.broker.queues)
+        call = Outcome(proxy.call("s1", "slow", 0, "x"))
+        rig.settle(0.1)
+        self.assertEqual(call.value, "x")
+
+    def test_reconnection_during_republish_grace_publishes_again(self) -> None:
+        """A call waiting for its re-publish after a reconnection is published on the
+        next connection when the connection drops again, and is answered."""
+        rig = self.rig
+        proxy = rig.proxy()
+        rig.broker.drop_connections()
+        rig.settle(2)  # reconnected: the grace period runs; no server yet
+        call = Outcome(proxy.call("s1", "slow", 0, "x"))
+        rig.settle(0.01)  # returned: waits for its re-publish
+        self.assertEqual(call.results, [])
+        rig.endpoints[0].down = True  # the re-publish timer fires while disconnected
+        rig.broker.drop_connections()
+        rig.settle(1)
+        self.assertEqual(call.results, [])
+        rig.endpoints[0].down = False
+        rig.server("s1", {"slow": slow(rig)})
+        rig.settle(12)
+        self.assertEqual(call.value, "x")
+
+
+class CallLifecycleTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.rig = Rig()
+
+    def test_correlation_ids_have_96_random_bits(self) -> None:
+        """Correlation ids are 24 hex digits (96 bits), not a counter."""
+        rig = self.rig
+        seen: list[str] = []
+
+        def corr(context: Any) -> str:
+            seen.append(context.correlation_id)
+            return "ok"
+
+        svc = CallmeServerService("s1", reactor=rig.clock)
+        svc._session._endpoint = MemoryEndpoint(rig.broker)  # type: ignore[assignment]
+        svc.register_function(corr, name="corr", with_context=True, blocking=False)
+        svc.startService()
+        proxy = rig.proxy()
+        for _ in range(50):
+            proxy.call("s1", "corr")
+        rig.settle(0.1)
+        self.assertEqual(len(seen), 50)
+        self.assertEqual(len(set(seen)), 50)
+        for value in seen:
+            self.assertEqual(len(value), 24)
+            int(value, 16)
+        self.assertNotIn("1", seen)
+
+    def test_retry_on_timeout_keeps_the_timer_at_the_earliest_deadline(self) -> None:
+        """An errback that calls again on RpcTimeout (while the timer runs) does not
+        delay the other calls' timeouts."""
+        rig = self.rig
+        proxy = rig.proxy()
+        rig.server("s1", {"slow": slow(rig)})
+        first = proxy.invoke("s1", "slow", (100, "a"), timeout=1)
+        retried: list[Any] = []
+        first.addErrback(lambda f: f.trap(RpcTimeout) and retried.append(
+            proxy.invoke("s1", "slow", (100, "b"), timeout=60)))
+        other = Outcome(proxy.invoke("s1", "slow", (100, "c"), timeout=2))
+        rig.settle(1.01)
+        self.assertEqual(len(retried), 1)
+        self.assertEqual(other.results, [])
+        rig.settle(1.0)
+        self.assertIsInstance(other.value, RpcTimeout)  # at 2 s, not at 61 s
+
+    def test_finished_calls_leave_every_structure(self) -> None:
+        """After many answered calls no per-call entry is left (deadline heap included)."""
+        rig = self.rig
+        rig.server("s1", {"slow": slow(rig)}, prefetch=1000)
+        proxy = rig.proxy(timeout=3600)
+        for _ in range(4):  # 800 calls: under the server's prefetch (see report)
+            outcomes = [Outcome(proxy.call("s1", "slow", 0, i)) for i in range(200)]
+            rig.settle(0.1)
+            self.assertEqual([o.value for o in outcomes], list(range(200)))
+            self.assertEqual(len(proxy._deadlines), 0)
+        self.assertEqual(proxy.pending_count, 0)
+        self.assertEqual((proxy._unsent, proxy._retry), ({}, {}))
+        self.assertEqual(proxy._destinations["s1"].unconfirmed, 0)
+        pending = [Outcome(proxy.call("s1", "slow", 10, i)) for i in range(5)]
+        rig.settle(0.1)
+        self.assertEqual(len(proxy._deadlines), 5)
+        rig.settle(11)
+        self.assertEqual([o.value for o in pending], list(range(5)))
+        self.assertEqual(len(proxy._deadlines), 0)
+
+    def test_reply_over_max_body_size_is_payload_too_large(self) -> None:
+        """A reply over the Proxy's max_body_size fails with PayloadTooLarge naming
+        the limit and the side."""
+        rig = self.rig
+        rig.server("s1", {"big": lambda n: "x" * n})
+        proxy = rig.proxy(max_body_size=1000)
+        call = Outcome(proxy.call("s1", "big", 5000))
+        rig.settle(0.1)
+        self.assertIsInstance(call.value, PayloadTooLarge)
+        self.assertIn("max_body_size of 1000 bytes", str(call.value))
+        self.assertIn("caller side", str(call.value))
+        small = Outcome(proxy.call("s1", "big", 10))
+        rig.settle(0.1)
+        self.assertEqual(small.value, "x" * 10)
+
+    def test_cancelled_before_publish_is_never_published(self) -> None:
+        """A call cancelled while it waits for the connection is never published."""
+        rig = self.rig
+        broker = rig.broker
+        rig.server("s1", {"slow": slow(rig)})
+        rig.servers[0].stopService()  # the queue stays (durable): count what reaches it
+        rig.settle(0.1)
+        held = HeldEndpoint(broker)
+
+        class SlowProxy(Proxy):
+            def _make_session(self, reactor: Any, max_body_size: int) -> Session:
+                session = super()._make_session(reactor, max_body_size)
+                session._endpoint = held  # type: ignore[assignment]
+                return session
+
+        proxy = SlowProxy(reactor=rig.clock, timeout=30)
+        kept = proxy.call("s1", "slow", 0, "kept")
+        cancelled = proxy.call("s1", "slow", 0, "cancelled")
+        cancelled.addErrback(lambda f: None)
+        cancelled.cancel()
+        self.assertEqual(proxy.pending_count, 1)
+        held.release()
+        rig.settle(0.1)
+        self.assertTrue(kept is not None)
+        queue = broker.queues.get("server_s1_queue")
+        bodies = [m.body for m in queue.messages] if queue is not None else []
+        self.assertFalse(any(b"cancelled" in b for b in bodies), bodies)
+        proxy.close()
+        kept.addErrback(lambda f: None)
+
+    def test_nothing_left_in_the_reactor_after_close(self) -> None:
+        """close() leaves no delayed call of the Proxy (re-publish timers included)."""
+        rig = self.rig
+        proxy = rig.proxy()
+        rig.broker.drop_connections()
+        rig.settle(2)  # reconnected: in the re-publish grace period
+        calls = [Outcome(proxy.call("s1", "slow", 0, i)) for i in range(3)]
+        rig.settle(0.01)  # returned: re-publish timer pending
+        self.assertTrue(rig.clock.getDelayedCalls())
+        proxy.close()
+        rig.settle(0)
+        self.assertEqual(rig.clock.getDelayedCalls(), [])
+        for call in calls:
+            self.assertEqual(type(call.value).__name__, "ProxyClosed")
