@@ -206,3 +206,47 @@ class HierarchyTests(SynchronousTestCase):
         """No error class reuses the name of a builtin."""
         for cls in self._public_error_classes():
             self.assertFalse(hasattr(builtins, cls.__name__), cls.__name__)
+
+
+class StopIterationTests(SynchronousTestCase):
+    """StopIteration is not rebuilt (raised through ``await`` it becomes RuntimeError)."""
+
+    def test_not_in_allow_list(self) -> None:
+        """StopIteration is not a built-in remote type."""
+        self.assertNotIn("StopIteration", errors.BUILTIN_REMOTE_TYPES)
+
+    def test_rebuilt_as_remote_error(self) -> None:
+        """A remote StopIteration comes back as RemoteError naming it."""
+        exc = RemoteErrorRegistry().rebuild("StopIteration", "", [], "")
+        self.assertIs(type(exc), RemoteError)
+        self.assertEqual(exc.type_name, "StopIteration")  # type: ignore[attr-defined]
+
+
+class NewErrorTests(SynchronousTestCase):
+    """Errors of the AMQP layer stay caught by the older except clauses."""
+
+    def test_publish_nacked_is_channel_error(self) -> None:
+        """PublishNacked is a ChannelError (old code caught nacks as ChannelError)."""
+        self.assertTrue(issubclass(errors.PublishNacked, ChannelError))
+
+    def test_publish_lost_is_connection_lost(self) -> None:
+        """PublishLost is a BrokerConnectionLost and keeps its cause."""
+        cause = errors.NotFound(404, "NOT_FOUND - no exchange 'x' in vhost '/'")
+        lost = errors.PublishLost(cause)
+        self.assertIsInstance(lost, errors.BrokerConnectionLost)
+        self.assertIs(lost.cause, cause)
+
+    def test_connect_timeout_is_unreachable(self) -> None:
+        """ConnectTimeout is a BrokerUnreachable and a BrokerTimeout naming its phase."""
+        error = errors.ConnectTimeout("h", 5672, "login", 10)
+        self.assertIsInstance(error, errors.BrokerUnreachable)
+        self.assertIsInstance(error, errors.BrokerTimeout)
+        self.assertNotIsInstance(error, errors.AuthenticationError)
+        self.assertIn("login", str(error))
+        self.assertIn("h:5672", str(error))
+
+    def test_encode_error_is_value_error(self) -> None:
+        """EncodeError is a ValueError naming the operation."""
+        error = errors.EncodeError("queue.declare", "too long")
+        self.assertIsInstance(error, ValueError)
+        self.assertIn("queue.declare", str(error))

@@ -371,3 +371,86 @@ def test_params_are_frozen() -> None:
     params: Any = connection_params()
     with pytest.raises(AttributeError):
         params.user = "x"
+
+
+# --- heartbeat resolution, timeouts, several brokers ------------------------------
+
+
+@pytest.mark.parametrize("value", [0.5, 0.01, 0.999])
+def test_heartbeat_below_one_second_refused(value: float) -> None:
+    """A heartbeat between 0 and 1 s is refused with a message, not truncated to off."""
+    with pytest.raises(ValueError, match="1 s"):
+        ConnectionParams(heartbeat=value)
+    with pytest.raises(ValueError, match="1 s"):
+        from_url(f"amqp://host/?heartbeat={value}")
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_heartbeat_nonsense_refused(value: float) -> None:
+    """A negative, NaN or infinite heartbeat is refused."""
+    with pytest.raises(ValueError, match="heartbeat"):
+        ConnectionParams(heartbeat=value)
+
+
+def test_heartbeat_zero_is_off_and_fractions_above_one_kept() -> None:
+    """0 turns heartbeats off; 1.5 is accepted (rounded up to 2 s at tune)."""
+    assert ConnectionParams(heartbeat=0).heartbeat == 0
+    assert ConnectionParams(heartbeat=1.5).heartbeat == 1.5
+
+
+def test_heartbeat_rounded_up_at_tune() -> None:
+    """A 1.5 s heartbeat is negotiated as 2 s, never as 1 or 0."""
+    from scripted import ScriptedBroker
+    broker = ScriptedBroker(heartbeat=60)
+    broker.connection(heartbeat=1.5)
+    [tune_ok] = broker.peer.sent("connection.tune-ok")
+    assert tune_ok.args["heartbeat"] == 2
+
+
+def test_bad_number_in_url() -> None:
+    """A non-number heartbeat in a URL is a clear ValueError."""
+    with pytest.raises(ValueError, match="heartbeat must be a number"):
+        from_url("amqp://host/?heartbeat=soon")
+
+
+def test_control_timeout() -> None:
+    """control_timeout defaults to 30 s, comes from ?control_timeout= and must be positive."""
+    assert ConnectionParams().control_timeout == 30.0
+    assert from_url("amqp://host/?control_timeout=5").control_timeout == 5.0
+    with pytest.raises(ValueError, match="control_timeout"):
+        ConnectionParams(control_timeout=0)
+
+
+def test_long_vhost_refused() -> None:
+    """A vhost name over 255 bytes is refused when the params are built."""
+    with pytest.raises(ValueError, match="255"):
+        ConnectionParams(vhost="v" * 256)
+
+
+def test_shuffle_option() -> None:
+    """?shuffle=1 and shuffle_hosts=True turn shuffling on; it is off by default."""
+    assert not from_url("amqp://h1,h2/").shuffle_hosts
+    assert from_url("amqp://h1,h2/?shuffle=1").shuffle_hosts
+    assert connection_params(["h1", "h2"], shuffle_hosts=True).shuffle_hosts
+    with pytest.raises(ValueError, match="shuffle"):
+        from_url("amqp://h1/?shuffle=maybe")
+
+
+def test_comma_separated_hosts() -> None:
+    """amqp://u:p@n1:5673,n2,[::1]:5674/vh names several nodes with one user and vhost."""
+    params = from_url("amqp://u:p@n1:5673,n2,[::1]:5674/vh")
+    assert params.hosts == (("n1", 5673), ("n2", 5672), ("::1", 5674))
+    assert (params.user, params.password, params.vhost) == ("u", "p", "vh")
+
+
+def test_several_urls() -> None:
+    """A list of URLs gives their hosts in order, when the rest agrees."""
+    params = connection_params(amqp_url=["amqp://u:p@n1/vh", "amqp://u:p@n2:5673/vh"])
+    assert params.hosts == (("n1", 5672), ("n2", 5673))
+    assert params.user == "u"
+
+
+def test_several_urls_must_agree() -> None:
+    """URLs that differ in user or vhost are refused."""
+    with pytest.raises(ValueError, match="differs"):
+        connection_params(amqp_url=["amqp://u:p@n1/vh", "amqp://other:p@n2/vh"])
