@@ -6,7 +6,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -26,7 +27,8 @@ class SynchronousPool:
         self, onResult: Callable[[bool, Any], None], func: Callable[..., Any],
         *args: Any, **kwargs: Any,
     ) -> None:
-        self.ran.append(func)
+        # the dispatcher hands over a partial holding the call's own arguments
+        self.ran.append(func.func if isinstance(func, functools.partial) else func)
         try:
             result = func(*args, **kwargs)
         except BaseException:
@@ -428,3 +430,65 @@ class ThreadPoolTests(DispatchTestCase):
         """A pool function's unserializable result replies with SerializationError."""
         self.dispatcher.register(lambda: object(), "thing")
         self.assertEqual(self.error("thing")["type"], "txcallme.errors.SerializationError")
+
+
+class RefusingPool:
+    """A thread pool that refuses all work, as a stopped one might."""
+
+    def callInThreadWithCallback(self, *args: Any, **kwargs: Any) -> None:  # noqa: N802
+        raise RuntimeError("pool is stopped")
+
+
+class StartingCallsTests(DispatchTestCase):
+    """Starting a call in the pool: any keyword name, and failures that still answer."""
+
+    def setUp(self) -> None:
+        self.pool = SynchronousPool()
+        self.reactor = ImmediateReactor()
+        self.dispatcher = Dispatcher(JSON, reactor=self.reactor, thread_pool=self.pool)
+
+    def test_keywords_named_like_deferToThreadPool_arguments(self) -> None:
+        """Keyword arguments named f, reactor and threadpool reach a threaded function."""
+        def echo(f: int, reactor: int, threadpool: int) -> list[int]:
+            return [f, reactor, threadpool]
+
+        self.dispatcher.register(echo)
+        self.assertEqual(self.result("echo", f=1, reactor=2, threadpool=3), [1, 2, 3])
+        self.assertEqual(self.pool.ran, [echo])
+
+    def test_pool_refusing_work_still_answers(self) -> None:
+        """If the pool cannot take the call, the caller gets an error reply at once."""
+        dispatcher = Dispatcher(JSON, reactor=self.reactor, thread_pool=RefusingPool())
+        dispatcher.register(add)
+        body = self.successResultOf(dispatcher.dispatch(Request("add", [1, 2], {})))
+        error = decode_reply(JSON, body).error
+        self.assertEqual(error["type"], "txcallme.errors.ServiceError")
+        self.assertIn("pool is stopped", error["message"])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_inline_callbacks_function_runs_on_the_reactor(self) -> None:
+        """An inlineCallbacks-decorated function is known at registration to need the reactor."""
+        @inlineCallbacks
+        def later(x: int) -> Any:
+            value = yield succeed(x)
+            return value * 2
+
+        self.dispatcher.register(later)
+        self.assertFalse(self.dispatcher.handlers["later"].blocking)
+        self.assertEqual(self.result("later", 4), 8)
+        self.assertEqual(self.pool.ran, [])
+
+    def test_deferred_from_a_worker_thread_is_a_clear_error(self) -> None:
+        """A Deferred returned in the pool becomes a remote error saying how to register."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            self.dispatcher.register(lambda: succeed(1), "sneaky")
+            error = self.error("sneaky")
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        self.assertEqual(error["type"], "txcallme.errors.ServiceError")
+        self.assertIn("blocking=False", error["message"])
+        warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertTrue(any("sneaky" in w and "blocking=False" in w for w in warnings),
+                        warnings)

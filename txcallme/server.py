@@ -7,6 +7,7 @@ into reply bytes; :mod:`txcallme.service` moves the bytes.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import linecache
 import os
@@ -28,7 +29,7 @@ from txcallme._wire import (
     encode_result,
     error_description,
 )
-from txcallme.errors import SerializationError, UnknownMethod, qualified_name
+from txcallme.errors import SerializationError, ServiceError, UnknownMethod, qualified_name
 from txcallme.serializers import Serializer
 
 log = Logger(namespace="callme.server")
@@ -75,8 +76,10 @@ class Dispatcher:
                  reserved: bool = False) -> None:
         """Expose *func* as *name* (default: its ``__name__``).
 
-        ``blocking=None`` decides by kind: coroutine functions run on the
-        reactor; plain functions run in the thread pool when there is one.
+        ``blocking=None`` decides by kind: coroutine functions and
+        ``inlineCallbacks``-decorated functions run on the reactor; other
+        functions run in the thread pool when there is one (a Deferred they
+        return there is an error: register such functions ``blocking=False``).
         ``with_context=True`` passes a :class:`CallContext` as ``context=``.
         """
         if not callable(func):
@@ -119,15 +122,33 @@ class Dispatcher:
                 handler.signature.bind(*request.args, **kwargs)
             except TypeError as e:
                 return self._error(TypeError(f"{request.method}(): {e}"))
-        if handler.blocking:
-            d = deferToThreadPool(self._reactor, self._pool, handler.func,
-                                  *request.args, **kwargs)
-        else:
-            d = maybeDeferred(_run_on_reactor, handler.func, request.args, kwargs)
-        return d.addCallbacks(self._result, self._failure, callbackArgs=(request.method,),
+        try:
+            if handler.blocking:
+                # Everything positional: a keyword argument of the call named f,
+                # reactor or threadpool must not meet deferToThreadPool's own.
+                d = deferToThreadPool(self._reactor, self._pool, functools.partial(
+                    handler.func, *request.args, **kwargs))
+            else:
+                d = maybeDeferred(_run_on_reactor, handler.func, request.args, kwargs)
+        except Exception as e:  # the pool refused the work, ...: still an answer
+            log.failure("cannot start {method}", method=request.method)
+            return self._error(ServiceError(f"the server could not start {request.method}(): "
+                                            f"{safe_str(e)}"))
+        return d.addCallbacks(self._result, self._failure,
+                              callbackArgs=(request.method, handler.blocking),
                               errbackArgs=(request.method,))
 
-    def _result(self, value: Any, method: str) -> bytes:
+    def _result(self, value: Any, method: str, in_thread: bool = False) -> bytes:
+        if in_thread and (isinstance(value, Deferred) or inspect.iscoroutine(value)):
+            if inspect.iscoroutine(value):
+                value.close()
+            log.warn("{method} returned {kind} from a worker thread, where it cannot run: "
+                     "register it with blocking=False (or make it async def) so it runs "
+                     "on the reactor", method=method, kind=type(value).__name__)
+            refused = ServiceError(
+                f"{method}() returned a {type(value).__name__} from a worker thread; the "
+                f"server must register it with blocking=False (or as async def)")
+            return encode_error(self.serializer, error_description(refused, False))
         try:
             return encode_result(self.serializer, value)
         except SerializationError as e:
@@ -199,9 +220,16 @@ def _simple_arity(signature: inspect.Signature | None, with_context: bool) -> in
 
 
 def _is_async(func: Callable[..., Any]) -> bool:
+    """Whether *func* is known at registration to return a Deferred or a coroutine:
+    coroutine functions (and callables whose ``__call__`` is one) and
+    ``inlineCallbacks``-decorated functions."""
     target = getattr(func, "__func__", func)
     if inspect.iscoroutinefunction(target):
         return True
+    code = getattr(target, "__code__", None)
+    if code is not None and code.co_name == "unwindGenerator" and \
+            inspect.isgeneratorfunction(getattr(target, "__wrapped__", None)):
+        return True  # twisted.internet.defer.inlineCallbacks
     return not inspect.isroutine(target) and inspect.iscoroutinefunction(
         type(target).__call__)
 
