@@ -7,11 +7,21 @@ unpickling data from the broker lets anyone who can publish run code.
 
 from __future__ import annotations
 
+import gc
 import json
 import pickle
+import sys
+from itertools import compress, repeat
+from math import isfinite
+from operator import is_
 from typing import Any, Protocol, runtime_checkable
 
 from txcallme.errors import SerializationError
+
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - orjson is a dependency; the fallback is tested
+    _orjson = None  # type: ignore[assignment]
 
 #: Deepest nesting of containers a JSON body may have before it is refused.
 MAX_JSON_DEPTH = 64
@@ -30,64 +40,206 @@ class Serializer(Protocol):
         """Decode *data*; raise :class:`SerializationError` if it is not valid."""
 
 
-def _nesting_depth_exceeds(data: bytes, limit: int) -> bool:
-    """Cheap pre-scan: does bracket nesting (outside strings) go deeper than *limit*?"""
-    if data.count(b"[") + data.count(b"{") <= limit:
-        return False
-    depth = 0
-    in_string = False
-    escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            if depth > limit:
-                return True
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return False
-
-
 class JSONSerializer:
-    """UTF-8 JSON, strict: no NaN/Infinity, bounded nesting."""
+    """UTF-8 JSON, strict: no NaN/Infinity, bounded nesting.
+
+    Encoded and decoded by orjson when it is installed (*fast* ``None``, the
+    default; ``True`` requires it, ``False`` uses only the standard library),
+    with exactly the standard library's semantics either way: whatever orjson
+    would encode or decode differently (integers beyond 64 bits, lone
+    surrogates, NaN and infinities, non-string keys, types other than the
+    JSON ones and their exact Python counterparts) goes through :mod:`json`.
+    """
 
     content_type = "application/json"
 
-    def __init__(self, max_depth: int = MAX_JSON_DEPTH) -> None:
+    def __init__(self, max_depth: int = MAX_JSON_DEPTH, *, fast: bool | None = None) -> None:
+        if fast and _orjson is None:
+            raise SerializationError("JSONSerializer(fast=True) needs orjson, which is not "
+                                     "installed")
         self.max_depth = max_depth
+        self.fast = _orjson is not None if fast is None else fast
         self._encoder = json.JSONEncoder(
             ensure_ascii=False, allow_nan=False, separators=(",", ":")
         )
 
+    @property
+    def implementation(self) -> str:
+        """``"orjson"`` or ``"json"``: the library that does the common case."""
+        return "orjson" if self.fast else "json"
+
     def dumps(self, value: Any) -> bytes:
+        if self.fast:
+            assert _orjson is not None
+            try:
+                data = _orjson.dumps(value, option=_ORJSON_OPTIONS)
+            except _orjson.JSONEncodeError:
+                pass  # not plain JSON for orjson: the standard library decides
+            else:
+                # orjson writes NaN and infinities as null: look at floats only then
+                if _plain(value, b"null" in data):
+                    return data
         try:
             return self._encoder.encode(value).encode("utf-8")
         except (TypeError, ValueError, RecursionError) as e:
             raise SerializationError(f"cannot encode as JSON: {e}") from None
 
     def loads(self, data: bytes) -> Any:
-        if _nesting_depth_exceeds(data, self.max_depth):
-            raise SerializationError(f"JSON nested deeper than {self.max_depth} levels")
+        if self.fast:
+            assert _orjson is not None
+            try:
+                value = _orjson.loads(data)
+            except _orjson.JSONDecodeError:
+                pass  # the standard library decides, and gives its own error
+            else:
+                verdict = _check_decoded(value, len(data) >> 4, self.max_depth)
+                if verdict is None:  # many small values: the checks on bytes cost less
+                    verdict = (_BIG_INT if _long_digit_run(data)
+                               else _DEEP if _deeper_than(data, self.max_depth) else _OK)
+                if verdict is _OK:
+                    return value
+                if verdict is _DEEP:
+                    raise SerializationError(f"JSON nested deeper than {self.max_depth} levels")
+                # maybe an integer beyond 64 bits, which orjson reads as a float
+        return self._loads_stdlib(data)
+
+    def _loads_stdlib(self, data: bytes) -> Any:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise SerializationError(f"body is not UTF-8: {e}") from None
         try:
-            return json.loads(text, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as e:
+            value = json.loads(text, parse_constant=_reject_constant)
+        except RecursionError:
+            raise SerializationError(f"JSON nested deeper than {self.max_depth} levels") from None
+        except ValueError as e:
             raise SerializationError(f"invalid JSON: {e}") from None
+        if _deeper_than(data, self.max_depth):
+            raise SerializationError(f"JSON nested deeper than {self.max_depth} levels")
+        return value
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_MISSING: Any = object()
+
+# -- what orjson may do: every check below is a few passes of C code ----------------------
+
+#: subclasses (str, int, dict, list), dataclasses and datetimes raise instead of
+#: being encoded: the standard library refuses or encodes them its own way
+_ORJSON_OPTIONS = 0 if _orjson is None else (
+    _orjson.OPT_PASSTHROUGH_SUBCLASS | _orjson.OPT_PASSTHROUGH_DATACLASS
+    | _orjson.OPT_PASSTHROUGH_DATETIME)
+_PLAIN = frozenset({dict, list, tuple, str, int, float, bool, type(None)})
+_CONTAINERS = frozenset({dict, list, tuple})
+
+
+def _children_portable(level: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for node in level:
+        if type(node) is dict:
+            out.extend(node.values())
+        elif type(node) in _CONTAINERS:
+            out.extend(node)
+    return out
+
+
+def _children_cpython(level: list[Any]) -> list[Any]:
+    # tp_traverse of list, tuple and dict visits every item or value (and the keys
+    # of dicts with keys other than exact str); str, int, float, bool and None have
+    # none: one C call gives the whole next level
+    return gc.get_referents(*level)
+
+
+_children = _children_cpython if sys.implementation.name == "cpython" else _children_portable
+
+
+def _floats(level: list[Any]) -> Any:
+    return compress(level, map(is_, map(type, level), repeat(float)))
+
+
+def _plain(value: Any, check_floats: bool) -> bool:
+    """Is *value* made only of exact JSON types (and finite floats if *check_floats*)?
+
+    orjson also encodes enums, UUIDs and its Fragment, and NaN as null, all of
+    which the standard library refuses. *value* is known to be acyclic (orjson
+    encoded it), so the walk ends; it goes level by level, in C.
+    """
+    level = [value]
+    while True:
+        types = set(map(type, level))
+        if not _PLAIN.issuperset(types):
+            return False
+        if check_floats and float in types and not all(map(isfinite, _floats(level))):
+            return False
+        if _CONTAINERS.isdisjoint(types):
+            return True
+        level = _children(level)
+
+
+_OK, _DEEP, _BIG_INT = "ok", "deep", "big int"
+_TWO_63 = 2.0 ** 63
+
+
+def _check_decoded(value: Any, budget: int, limit: int) -> str | None:
+    """Walk what orjson decoded, level by level in C: too deep, a float that may
+    have been an integer beyond 64 bits (orjson reads those as floats), or fine;
+    None when the walk would visit more than *budget* values."""
+    level = [value]
+    depth = 0
+    while True:
+        types = set(map(type, level))
+        if float in types and max(map(abs, _floats(level))) >= _TWO_63:
+            return _BIG_INT
+        if _CONTAINERS.isdisjoint(types):
+            return _OK
+        depth += 1
+        if depth > limit:
+            return _DEEP
+        level = _children(level)
+        budget -= len(level)
+        if budget < 0:
+            return None
+
+
+#: 19 digits in a row: the only way to write an integer beyond 64 bits (among
+#: other things, such as long numbers in strings, which only cost the slower path)
+_DIGITS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2E for i in range(256))
+_LONG_RUN = b"0" * 19
+
+
+def _long_digit_run(data: bytes) -> bool:
+    return len(data) >= 19 and _LONG_RUN in data.translate(_DIGITS)
+
+
+#: keep quotes and brackets, braces as brackets
+_STRUCTURE = bytes.maketrans(b"{}", b"[]")
+_NOT_STRUCTURE = bytes(i for i in range(256) if i not in b'"[]{}')
+
+
+def _deeper_than(data: bytes, limit: int) -> bool:
+    """Does valid JSON *data* nest containers deeper than *limit*? (C passes only.)"""
+    if b"\\" in data:
+        # escapes are read left to right: drop escaped backslashes, then escaped quotes;
+        # every quote left delimits a string
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    shape = data.translate(_STRUCTURE, _NOT_STRUCTURE)
+    if shape.count(b"[") <= limit:
+        return False
+    # two quotes in a row have no bracket between them: dropping them removes a string
+    # without brackets or joins two strings, and leaves every bracket inside or outside
+    shape = shape.replace(b'""', b"")
+    if b'"' in shape:
+        shape = b"".join(shape.split(b'"')[::2])
+    if b"[" * (limit + 1) in shape:
+        return True
+    for _ in range(limit):  # each pass removes the innermost pairs: one level
+        shape = shape.replace(b"[]", b"")
+        if not shape:
+            return False
+    return True
 
 
 class PickleSerializer:
