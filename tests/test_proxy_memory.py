@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from txcallme import CallmeServerService, Proxy
-from txcallme.amqp import Session
+from txcallme.amqp import connection_params
 from txcallme.amqp.memory import MemoryBroker
 from txcallme.errors import (
     BrokerConnectionLost,
@@ -24,7 +25,6 @@ from txcallme.errors import (
 class MemoryEndpoint:
     """The broker's endpoint, with the address a Session logs."""
 
-    last_address = ("memory", 5672)
     #: while True, connection attempts are refused (the broker is away)
     down = False
 
@@ -46,26 +46,20 @@ class Rig:
         self.servers: list[CallmeServerService] = []
         self.endpoints: list[MemoryEndpoint] = []
 
-    def proxy(self, **kw: Any) -> Proxy:
-        broker = self.broker
-
-        class MemoryProxy(Proxy):
-            def _make_session(self, reactor: Any, max_body_size: int) -> Session:
-                session = super()._make_session(reactor, max_body_size)
-                session._endpoint = endpoint  # type: ignore[assignment]
-                return session
-
-        endpoint = MemoryEndpoint(broker)
+    def params(self, endpoint: Any = None) -> Any:
+        """Connection params that reach the in-memory broker (through *endpoint*)."""
+        endpoint = endpoint or MemoryEndpoint(self.broker)
         self.endpoints.append(endpoint)
+        return attrs.evolve(connection_params("memory"), connector=lambda reactor: endpoint)
 
+    def proxy(self, endpoint: Any = None, **kw: Any) -> Proxy:
         kw.setdefault("timeout", 30)
-        proxy = MemoryProxy(reactor=self.clock, **kw)
+        proxy = Proxy(reactor=self.clock, params=self.params(endpoint), **kw)
         self.settle()
         return proxy
 
     def server(self, server_id: str, funcs: dict[str, Any], **kw: Any) -> CallmeServerService:
-        svc = CallmeServerService(server_id, reactor=self.clock, **kw)
-        svc._session._endpoint = MemoryEndpoint(self.broker)  # type: ignore[assignment]
+        svc = CallmeServerService(server_id, reactor=self.clock, params=self.params(), **kw)
         for name, func in funcs.items():
             svc.register_function(func, name=name, blocking=False)
         svc.startService()
@@ -273,8 +267,7 @@ class CallLifecycleTests(SynchronousTestCase):
             seen.append(context.correlation_id)
             return "ok"
 
-        svc = CallmeServerService("s1", reactor=rig.clock)
-        svc._session._endpoint = MemoryEndpoint(rig.broker)  # type: ignore[assignment]
+        svc = CallmeServerService("s1", reactor=rig.clock, params=rig.params())
         svc.register_function(corr, name="corr", with_context=True, blocking=False)
         svc.startService()
         proxy = rig.proxy()
@@ -348,14 +341,7 @@ class CallLifecycleTests(SynchronousTestCase):
         rig.servers[0].stopService()  # the queue stays (durable): count what reaches it
         rig.settle(0.1)
         held = HeldEndpoint(broker)
-
-        class SlowProxy(Proxy):
-            def _make_session(self, reactor: Any, max_body_size: int) -> Session:
-                session = super()._make_session(reactor, max_body_size)
-                session._endpoint = held  # type: ignore[assignment]
-                return session
-
-        proxy = SlowProxy(reactor=rig.clock, timeout=30)
+        proxy = rig.proxy(held)
         kept = proxy.call("s1", "slow", 0, "kept")
         cancelled = proxy.call("s1", "slow", 0, "cancelled")
         cancelled.addErrback(lambda f: None)
@@ -384,3 +370,32 @@ class CallLifecycleTests(SynchronousTestCase):
         self.assertEqual(rig.clock.getDelayedCalls(), [])
         for call in calls:
             self.assertEqual(type(call.value).__name__, "ProxyClosed")
+
+
+class FlowControlTests(SynchronousTestCase):
+    def test_blocked_connection_holds_calls_and_times_out_clearly(self) -> None:
+        """While the broker blocks publishes, calls wait; one that times out says the
+        broker is blocking and why, and its request is never sent; others go on unblock."""
+        rig = Rig()
+        ran: list[str] = []
+
+        def record(value: str) -> str:
+            ran.append(value)
+            return value
+
+        rig.server("s1", {"record": record})
+        proxy = rig.proxy()
+        self.assertEqual(Outcome(proxy.call("s1", "record", "warm")).value, "warm")
+        rig.broker.block("low on memory")
+        rig.settle(0)
+        short = Outcome(proxy.invoke("s1", "record", ("short",), timeout=1))
+        long = Outcome(proxy.invoke("s1", "record", ("long",), timeout=30))
+        rig.settle(1.1)
+        self.assertIsInstance(short.value, RpcTimeout)
+        self.assertIn("the broker is blocking publishes", str(short.value))
+        self.assertIn("low on memory", str(short.value))
+        self.assertEqual(long.results, [])
+        rig.broker.unblock()
+        rig.settle(0.1)
+        self.assertEqual(long.value, "long")
+        self.assertEqual(ran, ["warm", "long"])

@@ -3,27 +3,27 @@
 A publish to a missing (404) or forbidden (403) exchange closes its channel,
 and the broker drops whatever was pipelined after it on that channel. Giving
 each destination server its own channel confines that to the calls made to
-that server. The channel is in confirm mode, so the Proxy knows which
+that server. The channel is in confirm mode and tells the outcome of each
+publish (:class:`~txcallme.amqp.PublishOutcome`), so the Proxy knows which
 requests the broker took: those keep waiting for their replies whatever
 happens to the channel later; only a request that came back (basic.return),
-was nacked, or was still unconfirmed when the channel died counts as refused.
+was nacked, or was lost with its channel before a confirm counts as refused.
 
-Per request this costs one ``(tag, correlation id)`` tuple in a deque, no
-Deferred; the broker's ``multiple`` acks pop runs of them at once.
+Per request this costs one entry in a dict (confirm number -> correlation
+id), no Deferred.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from twisted.python.failure import Failure
 
-from txcallme.amqp import Channel, Connection, Returned
+from txcallme.amqp import Channel, Connection, Outcome, PublishOutcome
 from txcallme.errors import CallmeError
 
-#: (confirm tag, correlation id) of a request the broker has not confirmed yet
+#: (confirm number, correlation id) of a request
 Sent = tuple[int, str]
 
 
@@ -33,11 +33,10 @@ class Destination:
     Callbacks into the owner:
 
     - *returned(destination, corr)*: a request came back unroutable;
-    - *refused(destination, sent, error)*: the broker nacked requests
-      (``sent`` lists ``(tag, corr)``), or the channel failed to open or was
-      closed before confirming them (their fate is unknown to the broker's
-      client; a 404/403 names the destination as the culprit);
-    - *closed(destination, error)*: after *refused*, when the channel is gone.
+    - *refused(destination, sent, error)*: the broker nacked requests, or the
+      channel failed to open or died before confirming them (a 404/403 names
+      the destination's exchange);
+    - *closed(destination, error)*: when the channel is gone.
     """
 
     def __init__(self, connection: Connection, exchange: str, routing_key: str,
@@ -53,17 +52,18 @@ class Destination:
         self.channel: Channel | None = None
         self.dead = False
         self._opening = False
-        self._tag = 0
+        self._seq = 0
         self._waiting: list[tuple[str, bytes, dict[str, Any]]] = []
-        self._unconfirmed: deque[Sent] = deque()
+        self._sent: dict[int, str] = {}
 
     @property
     def unconfirmed(self) -> int:
         """Requests sent or waiting to be sent, not confirmed yet."""
-        return len(self._unconfirmed) + len(self._waiting)
+        return len(self._sent) + len(self._waiting)
 
-    def send(self, corr: str, body: bytes, properties: dict[str, Any]) -> None:
-        """Publish now if the channel is open, else when it is.
+    def send(self, corr: str, body: bytes, properties: dict[str, Any]) -> int:
+        """Publish now if the channel is open, else when it is; return the
+        request's confirm number (0 while it waits for the channel).
 
         The outcome comes back through the callbacks, possibly before this
         returns (an in-memory broker answers synchronously).
@@ -72,31 +72,40 @@ class Destination:
         if channel is None:
             if self.dead:
                 self._refused(self, [(0, corr)], CallmeError("the request channel is closed"))
-                return
+                return 0
             self._waiting.append((corr, body, properties))
             if not self._opening:
                 self._opening = True
                 d = self._connection.open_channel()
                 d.addCallback(self._configure)
                 d.addCallbacks(self._opened, self._open_failed)
-            return
+            return 0
         # Only this object publishes on the channel, in confirm mode from the
-        # start: the broker's tag is our count. Record it before writing, as
-        # the confirm may arrive during the write.
-        self._tag += 1
-        entry = (self._tag, corr)
-        self._unconfirmed.append(entry)
+        # start: publish() numbers them 1, 2, ... Record the number before
+        # writing, as the outcome may arrive during the write.
+        self._seq = seq = self._seq + 1
+        self._sent[seq] = corr
         try:
             channel.publish(self.exchange, self.routing_key, body, properties, True)
-        except Exception as e:  # closed under us
-            if self._unconfirmed and self._unconfirmed[-1] is entry:
-                self._unconfirmed.pop()
-                self._refused(self, [entry], e if isinstance(e, CallmeError)
+        except Exception as e:  # closed under us, or unencodable
+            self._seq -= 1
+            if self._sent.pop(seq, None) is not None:
+                self._refused(self, [(seq, corr)], e if isinstance(e, CallmeError)
                               else CallmeError(f"cannot publish the request: {e}"))
+            return 0
+        return seq
 
-    def forget(self, corr: str) -> None:
-        """A call ended before its request was written: never write it."""
-        self._waiting = [w for w in self._waiting if w[0] != corr]
+    def withdraw(self, corr: str, seq: int) -> None:
+        """A call ended before its request was written: never write it
+        (waiting for the channel, or held while the connection is blocked)."""
+        if seq == 0:
+            if self._waiting:
+                self._waiting = [w for w in self._waiting if w[0] != corr]
+            return
+        channel = self.channel
+        if channel is not None and self._connection.blocked_reason is not None \
+                and self._sent.get(seq) == corr and channel.withdraw(seq):
+            del self._sent[seq]
 
     def _configure(self, channel: Channel) -> Any:
         d = channel.confirm_select()
@@ -114,8 +123,7 @@ class Destination:
             channel.close()
             return
         self.channel = channel
-        channel.on_return = self._on_return
-        channel.on_confirm = self._on_confirm
+        channel.on_outcome = self._on_outcome
         channel.on_close.append(lambda error: self._on_close(channel, error))
         waiting, self._waiting = self._waiting, []
         for corr, body, properties in waiting:
@@ -126,27 +134,22 @@ class Destination:
         error = reason.value
         self._die(error if isinstance(error, CallmeError) else CallmeError(str(error)))
 
-    def _on_return(self, message: Returned) -> None:
-        corr = message.properties.get("correlation_id")
-        if isinstance(corr, str):
+    def _on_outcome(self, seq: int, outcome: PublishOutcome) -> None:
+        corr = self._sent.pop(seq, None)
+        if corr is None:
+            return
+        kind = outcome.kind
+        if kind is Outcome.TAKEN:
+            return
+        if kind is Outcome.RETURNED:
             self._returned(self, corr)
-
-    def _on_confirm(self, tag: int, multiple: bool, ok: bool) -> None:
-        pending = self._unconfirmed
-        done: list[Sent] = []
-        if multiple:
-            while pending and pending[0][0] <= tag:
-                done.append(pending.popleft())
-        elif pending and pending[0][0] == tag:
-            done.append(pending.popleft())
-        else:  # out of order: rare
-            for entry in pending:
-                if entry[0] == tag:
-                    pending.remove(entry)
-                    done.append(entry)
-                    break
-        if not ok and done:
-            self._refused(self, done, CallmeError("the broker refused the request (nack)"))
+        elif kind is Outcome.NACKED:
+            self._refused(self, [(seq, corr)],
+                          CallmeError("the broker refused the request (nack)"))
+        else:
+            error = outcome.error
+            self._refused(self, [(seq, corr)], error if isinstance(error, CallmeError)
+                          else CallmeError(outcome.reason or "request lost"))
 
     def _on_close(self, channel: Channel, error: CallmeError) -> None:
         if self.channel is channel:
@@ -155,8 +158,8 @@ class Destination:
 
     def _die(self, error: CallmeError) -> None:
         self.dead = True
-        lost = list(self._unconfirmed)
-        self._unconfirmed.clear()
+        lost = [(seq, corr) for seq, corr in self._sent.items()]  # no outcome came
+        self._sent.clear()
         lost.extend((0, corr) for corr, _, _ in self._waiting)
         self._waiting.clear()
         if lost:
@@ -167,7 +170,7 @@ class Destination:
         """Close the channel; nothing is reported for what it held."""
         self.dead = True
         self._waiting.clear()
-        self._unconfirmed.clear()
+        self._sent.clear()
         channel, self.channel = self.channel, None
         if channel is not None and not channel.closed:
             channel.close()

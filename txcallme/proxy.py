@@ -73,6 +73,8 @@ class _Call:
     entry: Deadline | None = None
     #: where its request is (sent or confirmed); None while it is not out
     destination: Destination | None = None
+    #: its confirm number on that destination (0: waiting for the channel)
+    seq: int = 0
 
 
 class Proxy:
@@ -130,12 +132,9 @@ class Proxy:
         self._recover_attempts = 0
         self._connected_at: float | None = None
         self._closed = False
-        self._session = self._make_session(reactor, max_body_size)
+        self._session = Session(reactor, self.params, self._prepare, self._lost,
+                                name="proxy", max_body_size=max_body_size, log=log)
         self._session.start()
-
-    def _make_session(self, reactor: Any, max_body_size: int) -> Session:
-        return Session(reactor, self.params, self._prepare, self._lost,
-                       name="proxy", max_body_size=max_body_size, log=log)
 
     # -- public API ------------------------------------------------------------
 
@@ -371,8 +370,9 @@ class Proxy:
                 connection, _wire.server_exchange(call.server_id), call.server_id,
                 self._returned, self._refused, self._destination_closed)
         call.destination = destination
+        call.seq = 0
         remaining = call.deadline - self._reactor.seconds()
-        destination.send(corr, call.body, {
+        call.seq = destination.send(corr, call.body, {
             "content_type": self.serializer.content_type, "correlation_id": corr,
             "reply_to": self.exchange, "expiration": str(max(1, int(remaining * 1000)))})
 
@@ -435,8 +435,8 @@ class Proxy:
         if self._retry:
             self._retry.pop(corr, None)
         destination = call.destination
-        if destination is not None and destination.channel is None:
-            destination.forget(corr)  # not written yet: never write it
+        if destination is not None:
+            destination.withdraw(corr, call.seq)  # not written yet: never write it
         return call
 
     def _expire(self, corr: str) -> None:
@@ -444,7 +444,13 @@ class Proxy:
         if call is not None:
             call.entry = None  # already out of the heap
             self._finish(corr)
-            call.deferred.errback(RpcTimeout(call.server_id, call.method, call.timeout))
+            error = RpcTimeout(call.server_id, call.method, call.timeout)
+            connection = self._connection
+            blocked = connection.blocked_reason if connection is not None else None
+            if blocked is not None:
+                error.args = (f"{error}: the broker is blocking publishes on this "
+                              f"connection ({blocked})",)
+            call.deferred.errback(error)
 
     def _forget(self, corr: str) -> None:
         self._finish(corr)
