@@ -65,6 +65,7 @@ class Session:
         self._attempt: Deferred[Connection] | None = None
         self._retry: Any = None
         self._waiters: list[tuple[Deferred[Connection], bool]] = []
+        self._logged_in: Connection | None = None
 
     def start(self) -> None:
         if not self.running:
@@ -115,8 +116,10 @@ class Session:
         proto = await self._endpoint.connect(self._factory)
         proto.connection.address = self._endpoint.last_address
         proto.max_body_size = self._max_body_size
+        self._logged_in = None
         try:
             connection = await handshake(proto)
+            self._logged_in = connection
             await self._prepared(connection)
         except BaseException:
             proto.transport.abortConnection()
@@ -167,6 +170,17 @@ class Session:
             return
         self.last_error = reason
         self._failures += 1
+        logged_in, self._logged_in = self._logged_in, None
+        if logged_in is not None:  # the broker took the login, the set-up failed
+            self._failures = max(self._failures, 1)
+            delay = backoff(self._failures)
+            self._log.error("{name}: set-up on {node} failed: {error}; retrying in "
+                            "{delay:.1f} s", name=self._name, node=logged_in.node,
+                            error=reason.value, delay=delay)
+            if self.running:
+                self._retry = self._reactor.callLater(delay, self._connect)
+            self._fail_fast_waiters(reason)
+            return
         hosts = len(self._params.hosts)
         host, port = self._endpoint.last_address
         if self._failures % hosts:  # try the next address at once
@@ -183,6 +197,9 @@ class Session:
             host=host, port=port, error=reason.value, delay=delay)
         if self.running:
             self._retry = self._reactor.callLater(delay, self._connect)
+        self._fail_fast_waiters(reason)
+
+    def _fail_fast_waiters(self, reason: Failure) -> None:
         failing = [d for d, fail_fast in self._waiters if fail_fast]
         self._waiters = [(d, ff) for d, ff in self._waiters if not ff]
         for d in failing:
