@@ -51,8 +51,7 @@ class Telemetry:
         return found
 
 
-@pytest.fixture
-def telemetry() -> Iterator[Telemetry]:
+def telemetry_on() -> Iterator[Telemetry]:
     """Tracing, OTel metrics and Prometheus on; everything off again afterwards."""
     observe.reset()
     t = Telemetry()
@@ -62,6 +61,12 @@ def telemetry() -> Iterator[Telemetry]:
     observe.reset()
     t.tracer_provider.shutdown()
     t.meter_provider.shutdown()
+
+
+@pytest.fixture
+def telemetry() -> Iterator[Telemetry]:
+    """Tracing, OTel metrics and Prometheus on; everything off again afterwards."""
+    yield from telemetry_on()
 
 
 @pytest.fixture

@@ -52,6 +52,7 @@ from txcallme.errors import (
 from txcallme.serializers import JSON, Serializer
 
 __all__ = [
+    "Call",
     "ClientCall",
     "ClientObserver",
     "configure",
@@ -70,6 +71,7 @@ __all__ = [
     "Everything",
     "metrics_resource",
     "metrics_service",
+    "pool_busy",
     "refusal_reason",
     "with_metrics",
 ]
@@ -91,13 +93,16 @@ T = TypeVar("T")
 # -- the null objects: everything off ---------------------------------------------
 
 
-class _NullCall:
-    """A call nobody observes: every method does nothing (one shared instance)."""
+class Call:
+    """What an observer hands out for one call. This base class does nothing:
+    :data:`NULL_CALL`, its one instance, is what every call gets when nothing
+    is switched on (``live`` is False); :class:`ClientCall` and
+    :class:`ServerCall` do the work."""
 
     __slots__ = ()
     live = False
 
-    def headers(self) -> None:
+    def headers(self) -> dict[str, str] | None:
         return None
 
     def done(self, result: T) -> T:
@@ -109,12 +114,12 @@ class _NullCall:
     def run(self, func: Callable[..., T], *args: Any) -> T:
         return func(*args)
 
-    def replied(self, body: T) -> T:
+    def replied(self, body: bytes) -> bytes:
         return body
 
 
 #: What observers return for every call when nothing is switched on.
-NULL_CALL = _NullCall()
+NULL_CALL = Call()
 
 
 # -- what is switched on --------------------------------------------------------------
@@ -307,6 +312,7 @@ def reset() -> None:
     _prom_enabled = False
     configure()
     _cache.clear()
+    _servers.clear()
     _prom.registry.reset()
 
 
@@ -372,7 +378,7 @@ class ClientObserver:
         self.live = self._signals.live
 
     def client_call(self, server_id: str, method: str,
-                    correlation_id: str) -> ClientCall | _NullCall:
+                    correlation_id: str) -> Call:
         """Observe one call, started now; finish it with ``done`` or ``finish``."""
         if not self.live:
             return NULL_CALL
@@ -387,7 +393,7 @@ class ClientObserver:
             signals.otel.reconnections.add(1, {"txcallme.role": "client"})
 
 
-class ClientCall:
+class ClientCall(Call):
     """One observed call on a Proxy: a CLIENT span covering the whole call (the
     request's trace headers come from it), and its duration and outcome."""
 
@@ -492,7 +498,7 @@ class ServerObserver:
             _servers.add(self)
 
     def server_call(self, method: str, correlation_id: Any,
-                    headers: Any) -> ServerCall | _NullCall:
+                    headers: Any) -> Call:
         """Observe one request about to be dispatched (*headers*: the message's
         ``headers`` table, where the caller's trace context travels)."""
         if not self.live:
@@ -570,7 +576,7 @@ def _server_span(observer: ServerObserver, tracing: _Tracing, method: str | None
                                      attributes=attributes)
 
 
-class ServerCall:
+class ServerCall(Call):
     """One observed request on a server: a SERVER span (a child of the caller's
     span when the request carries its context), duration and outcome."""
 
@@ -663,6 +669,13 @@ class ServerCall:
             if error_type is not None:
                 attributes["error.type"] = error_type
             signals.otel.server_duration.record(duration, attributes)
+
+
+def pool_busy(pool: Any) -> Callable[[], int] | None:
+    """A *busy_threads* reader for a Twisted ``ThreadPool`` (None for no pool)."""
+    if pool is None:
+        return None
+    return lambda: len(pool.working)
 
 
 # -- switching everything on (benchmarks) --------------------------------------------
