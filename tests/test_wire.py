@@ -22,7 +22,7 @@ from txcallme._wire import (
     server_queue,
 )
 from txcallme.errors import InvalidRequest
-from txcallme.serializers import JSON
+from txcallme.serializers import JSON, JSONSerializer, PickleSerializer, Serializer
 
 
 def _raw(value: object) -> bytes:
@@ -87,30 +87,32 @@ class NamesTests(SynchronousTestCase):
 class RequestTests(SynchronousTestCase):
     """Encoding and decoding request envelopes."""
 
+    ser: Serializer = JSON
+
     def test_round_trip_with_deadline(self) -> None:
         """A request with a deadline survives encode/decode unchanged."""
         request = Request("add", [1, 2], {"c": "d"}, 1764220000.5)
-        self.assertEqual(decode_request(JSON, encode_request(JSON, request)), request)
+        self.assertEqual(decode_request(self.ser, encode_request(self.ser, request)), request)
 
     def test_round_trip_without_deadline(self) -> None:
         """A request without a deadline has no deadline field on the wire."""
         request = Request("add", [1, [2, 3]], {})
-        data = encode_request(JSON, request)
+        data = encode_request(self.ser, request)
         self.assertNotIn("deadline", json.loads(data))
-        self.assertEqual(decode_request(JSON, data), request)
+        self.assertEqual(decode_request(self.ser, data), request)
 
     def test_defaults(self) -> None:
         """Missing args and kwargs default to empty."""
-        self.assertEqual(decode_request(JSON, _raw({"method": "m"})), Request("m", [], {}))
+        self.assertEqual(decode_request(self.ser, _raw({"method": "m"})), Request("m", [], {}))
 
     def test_integer_deadline(self) -> None:
         """An integer deadline is accepted."""
-        self.assertEqual(decode_request(JSON, _raw({"method": "m", "deadline": 5})).deadline, 5)
+        self.assertEqual(decode_request(self.ser, _raw({"method": "m", "deadline": 5})).deadline, 5)
 
     def _assert_invalid(self, data: bytes) -> InvalidRequest:
         """Decoding *data* raises InvalidRequest, and nothing else."""
         try:
-            decode_request(JSON, data)
+            decode_request(self.ser, data)
         except InvalidRequest as e:
             return e
         except BaseException as e:  # pragma: no cover - the failure being tested for
@@ -183,32 +185,34 @@ class RequestTests(SynchronousTestCase):
     def test_brackets_in_strings_are_not_nesting(self) -> None:
         """Brackets inside strings do not count towards the nesting limit."""
         request = Request("m", ["[" * 1000, "{" * 1000], {})
-        self.assertEqual(decode_request(JSON, encode_request(JSON, request)), request)
+        self.assertEqual(decode_request(self.ser, encode_request(self.ser, request)), request)
 
 
 class ReplyTests(SynchronousTestCase):
     """Encoding and decoding reply envelopes."""
 
+    ser: Serializer = JSON
+
     def test_result(self) -> None:
         """A result reply decodes to ok=True and its value."""
-        reply = decode_reply(JSON, encode_result(JSON, {"x": [1, 2]}))
+        reply = decode_reply(self.ser, encode_result(self.ser, {"x": [1, 2]}))
         self.assertEqual((reply.ok, reply.value), (True, {"x": [1, 2]}))
 
     def test_null_result(self) -> None:
         """A None result is a valid reply."""
-        reply = decode_reply(JSON, encode_result(JSON, None))
+        reply = decode_reply(self.ser, encode_result(self.ser, None))
         self.assertEqual((reply.ok, reply.value), (True, None))
 
     def test_error(self) -> None:
         """An error reply decodes to ok=False and the full description."""
         error = {"type": "ValueError", "message": "bad", "args": ["bad"], "traceback": "T"}
-        reply = decode_reply(JSON, encode_error(JSON, error))
+        reply = decode_reply(self.ser, encode_error(self.ser, error))
         self.assertFalse(reply.ok)
         self.assertEqual(reply.error, error)
 
     def test_error_defaults(self) -> None:
         """Missing parts of an error description get defaults; bad args are dropped."""
-        reply = decode_reply(JSON, _raw({"error": {"args": "not a list"}}))
+        reply = decode_reply(self.ser, _raw({"error": {"args": "not a list"}}))
         self.assertEqual(reply.error, {"type": "Exception", "message": "", "args": [],
                                        "traceback": ""})
 
@@ -216,16 +220,18 @@ class ReplyTests(SynchronousTestCase):
         """Anything but {'result': ...} or {'error': {...}} raises InvalidRequest."""
         for body in ({}, [], "x", None, {"error": "x"}, {"result": 1, "error": {}},
                      {"result": 1, "extra": 2}, {"value": 1}):
-            self.assertRaises(InvalidRequest, decode_reply, JSON, _raw(body))
+            self.assertRaises(InvalidRequest, decode_reply, self.ser, _raw(body))
 
     def test_rejects_invalid_json(self) -> None:
         """A reply that is not JSON raises InvalidRequest."""
-        self.assertRaises(InvalidRequest, decode_reply, JSON, b"{")
-        self.assertRaises(InvalidRequest, decode_reply, JSON, b"[" * 10_000)
+        self.assertRaises(InvalidRequest, decode_reply, self.ser, b"{")
+        self.assertRaises(InvalidRequest, decode_reply, self.ser, b"[" * 10_000)
 
 
 class ErrorDescriptionTests(SynchronousTestCase):
     """The wire form of exceptions."""
+
+    ser: Serializer = JSON
 
     def test_builtin(self) -> None:
         """A builtin exception travels under its bare name with its args."""
@@ -240,7 +246,7 @@ class ErrorDescriptionTests(SynchronousTestCase):
         description = error_description(exc, with_traceback=False)
         self.assertEqual(description["args"], ["text", 1, 2.5, None, True, repr(marker),
                                                "[1, 2]", "{'a': b'x'}"])
-        reply = decode_reply(JSON, encode_error(JSON, description))
+        reply = decode_reply(self.ser, encode_error(self.ser, description))
         self.assertEqual(reply.error["args"], description["args"])
 
     def test_qualified_name(self) -> None:
@@ -263,3 +269,44 @@ class ErrorDescriptionTests(SynchronousTestCase):
     def test_reserved_prefix(self) -> None:
         """The reserved method prefix is __callme__."""
         self.assertEqual(_wire.RESERVED_PREFIX, "__callme__.")
+
+
+class RequestStdlibTests(RequestTests):
+    """Request envelopes with the standard-library JSON implementation."""
+
+    ser = JSONSerializer(fast=False)
+
+
+class ReplyStdlibTests(ReplyTests):
+    """Reply envelopes with the standard-library JSON implementation."""
+
+    ser = JSONSerializer(fast=False)
+
+
+class ErrorDescriptionStdlibTests(ErrorDescriptionTests):
+    """Error envelopes with the standard-library JSON implementation."""
+
+    ser = JSONSerializer(fast=False)
+
+
+class NonJSONEnvelopeTests(SynchronousTestCase):
+    """Envelopes through a serializer that can carry more than JSON (pickle)."""
+
+    def test_tuple_args_become_a_list(self) -> None:
+        """Arguments sent as a tuple arrive as a list."""
+        pickler = PickleSerializer()
+        request = decode_request(pickler, pickler.dumps({"method": "m", "args": (1, 2)}))
+        self.assertEqual(request, Request("m", [1, 2], {}))
+        self.assertIs(type(request.args), list)
+
+    def test_non_string_kwargs_keys(self) -> None:
+        """Keyword arguments whose names are not strings are refused."""
+        pickler = PickleSerializer()
+        for kwargs in ({1: 2}, {"a": 1, None: 2}):
+            with self.assertRaises(InvalidRequest):
+                decode_request(pickler, pickler.dumps({"method": "m", "kwargs": kwargs}))
+
+    def test_null_args_refused(self) -> None:
+        """args given as null is refused, not taken as missing."""
+        with self.assertRaises(InvalidRequest):
+            decode_request(JSON, b'{"method": "m", "args": null}')

@@ -17,6 +17,7 @@ Reply body, one of::
 from __future__ import annotations
 
 import traceback as tb
+from itertools import repeat
 from typing import Any
 
 import attrs
@@ -56,20 +57,27 @@ def check_server_id(server_id: str) -> str:
     return server_id
 
 
-@attrs.frozen
+@attrs.define
 class Request:
+    """A decoded request. Not frozen: a frozen attrs class costs ~300 ns more to
+    build, once per call; nothing modifies a request once made."""
+
     method: str
     args: list[Any]
     kwargs: dict[str, Any]
     deadline: float | None = None
 
 
+_REQUEST_FIELDS = frozenset({"method", "args", "kwargs", "deadline"})
+_EMPTY: dict[str, Any] = {}
+
+
 def encode_request(serializer: Serializer, request: Request) -> bytes:
-    body: dict[str, Any] = {"method": request.method, "args": request.args,
-                            "kwargs": request.kwargs}
-    if request.deadline is not None:
-        body["deadline"] = request.deadline
-    return serializer.dumps(body)
+    if request.deadline is None:
+        return serializer.dumps({"method": request.method, "args": request.args,
+                                 "kwargs": request.kwargs})
+    return serializer.dumps({"method": request.method, "args": request.args,
+                             "kwargs": request.kwargs, "deadline": request.deadline})
 
 
 def decode_request(serializer: Serializer, data: bytes) -> Request:
@@ -78,26 +86,34 @@ def decode_request(serializer: Serializer, data: bytes) -> Request:
         body = serializer.loads(data)
     except SerializationError as e:
         raise InvalidRequest(str(e)) from None
-    if not isinstance(body, dict):
+    if type(body) is not dict and not isinstance(body, dict):
         raise InvalidRequest(f"request body must be an object, not {type(body).__name__}")
     method = body.get("method")
-    args = body.get("args", [])
-    kwargs = body.get("kwargs", {})
-    deadline = body.get("deadline")
-    if not isinstance(method, str) or not method:
+    if type(method) is not str and not isinstance(method, str) or not method:
         raise InvalidRequest("request needs a non-empty string 'method'")
-    if not isinstance(args, (list, tuple)):
-        raise InvalidRequest("request 'args' must be an array")
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+    args = body.get("args")
+    if args is None:
+        if "args" in body:
+            raise InvalidRequest("request 'args' must be an array")
+        args = []
+    elif type(args) is not list:
+        if not isinstance(args, (list, tuple)):
+            raise InvalidRequest("request 'args' must be an array")
+        args = list(args)
+    kwargs = body.get("kwargs", _EMPTY)
+    if type(kwargs) is not dict and not isinstance(kwargs, dict) or (
+            kwargs and not all(map(isinstance, kwargs, repeat(str)))):
         raise InvalidRequest("request 'kwargs' must be an object")
-    if deadline is not None and (
+    if kwargs is _EMPTY:
+        kwargs = {}
+    deadline = body.get("deadline")
+    if deadline is not None and type(deadline) is not float and (
         isinstance(deadline, bool) or not isinstance(deadline, (int, float))
     ):
         raise InvalidRequest("request 'deadline' must be a number")
-    extra = set(body) - {"method", "args", "kwargs", "deadline"}
-    if extra:
-        raise InvalidRequest(f"unknown request fields: {sorted(extra)}")
-    return Request(method, list(args), kwargs, deadline)
+    if not _REQUEST_FIELDS.issuperset(body):
+        raise InvalidRequest(f"unknown request fields: {sorted(set(body) - _REQUEST_FIELDS)}")
+    return Request(method, args, kwargs, deadline)
 
 
 def encode_result(serializer: Serializer, value: Any) -> bytes:
@@ -121,8 +137,10 @@ def encode_error(serializer: Serializer, error: dict[str, Any]) -> bytes:
     return serializer.dumps({"error": error})
 
 
-@attrs.frozen
+@attrs.define
 class Reply:
+    """A decoded reply (not frozen, like :class:`Request`)."""
+
     ok: bool
     value: Any = None
     error: dict[str, Any] = attrs.field(factory=dict)
@@ -134,11 +152,11 @@ def decode_reply(serializer: Serializer, data: bytes) -> Reply:
         body = serializer.loads(data)
     except SerializationError as e:
         raise InvalidRequest(f"reply: {e}") from None
-    if isinstance(body, dict):
-        if set(body) == {"result"}:
+    if isinstance(body, dict) and len(body) == 1:
+        if "result" in body:
             return Reply(True, body["result"])
-        if set(body) == {"error"} and isinstance(body["error"], dict):
-            err = body["error"]
+        err = body.get("error")
+        if isinstance(err, dict):
             args = err.get("args", [])
             return Reply(False, error={
                 "type": str(err.get("type", "Exception")),

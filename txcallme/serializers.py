@@ -92,10 +92,15 @@ class JSONSerializer:
             except _orjson.JSONDecodeError:
                 pass  # the standard library decides, and gives its own error
             else:
-                verdict = _check_decoded(value, len(data) >> 4, self.max_depth)
-                if verdict is None:  # many small values: the checks on bytes cost less
-                    verdict = (_BIG_INT if _long_digit_run(data)
-                               else _DEEP if _deeper_than(data, self.max_depth) else _OK)
+                # a small body: look at its bytes; a large one: walk the value unless it
+                # has many small parts (then the bytes again)
+                verdict = None if len(data) <= _SMALL else _check_decoded(
+                    value, len(data) >> 4, self.max_depth)
+                if verdict is None:
+                    marks = data.translate(_MARKS)
+                    verdict = (_BIG_INT if _LONG_RUN in marks
+                               else _OK if marks.count(b"[") <= self.max_depth
+                               or not _deeper_than(data, self.max_depth) else _DEEP)
                 if verdict is _OK:
                     return value
                 if verdict is _DEEP:
@@ -204,14 +209,13 @@ def _check_decoded(value: Any, budget: int, limit: int) -> str | None:
             return None
 
 
-#: 19 digits in a row: the only way to write an integer beyond 64 bits (among
-#: other things, such as long numbers in strings, which only cost the slower path)
-_DIGITS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2E for i in range(256))
+#: bodies up to this size are checked on their bytes, larger ones on the decoded value
+_SMALL = 2048
+#: digits as 0, braces as brackets: 19 digits in a row are the only way to write an
+#: integer beyond 64 bits (long numbers in strings also match, and only cost the slower
+#: path); more brackets than the depth limit call for a closer look at nesting
+_MARKS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x5B if i == 0x7B else i for i in range(256))
 _LONG_RUN = b"0" * 19
-
-
-def _long_digit_run(data: bytes) -> bool:
-    return len(data) >= 19 and _LONG_RUN in data.translate(_DIGITS)
 
 
 #: keep quotes and brackets, braces as brackets
