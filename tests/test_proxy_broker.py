@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest_twisted
 from _brokerctl import ctl
-from conftest import Services, sleep
+from conftest import Services, broker_connect, sleep
 from twisted.internet import defer
 
 import txcallme
@@ -119,3 +119,33 @@ async def test_proxy_reconnects_with_fresh_reply_names(services: Services, sid: 
     assert (proxy.exchange, proxy.queue) != old
     assert proxy.exchange.startswith("client_guest_ex_")
     assert await proxy.call(sid, "add", 2, 3) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_durable_server_queue_without_consumer_fails_fast(services: Services,
+                                                                sid: str) -> None:
+    """A call to a durable server queue whose server stopped fails with
+    ServerUnavailable within seconds, not after its 30 s timeout."""
+    svc = await services.start_server(sid, {"add": add}, durable=True)
+    proxy = await services.ready_proxy(timeout=30)
+    try:
+        assert await proxy.call(sid, "add", 1, 1) == 2
+        await svc.stopService()
+        await sleep(1.2)  # past the last check's second
+        start = time.monotonic()
+        for _ in range(3):
+            try:
+                await proxy.call(sid, "add", 1, 2)
+            except txcallme.ServerUnavailable as e:
+                assert "no server consumes its queue" in str(e)
+            else:
+                raise AssertionError("a call to a stopped durable server was answered")
+        assert time.monotonic() - start < 10
+    finally:
+        conn = await broker_connect()
+        try:
+            ch = await conn.open_channel()
+            await ch.delete_queue(f"server_{sid}_queue")
+            await ch.delete_exchange(f"server_{sid}_ex")
+        finally:
+            await conn.close()

@@ -399,3 +399,66 @@ class FlowControlTests(SynchronousTestCase):
         rig.settle(0.1)
         self.assertEqual(long.value, "long")
         self.assertEqual(ran, ["warm", "long"])
+
+
+class NoConsumerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.rig = Rig()
+        rig = self.rig
+        self.server = rig.server("s1", {"echo": lambda x: x}, durable=True)
+        self.proxy = rig.proxy()
+        self.assertEqual(Outcome(self.proxy.call("s1", "echo", 1)).value, 1)
+        self.checks: list[str] = []
+        count = self.proxy._count_consumers
+
+        def counting(connection: Any, server_id: str, check: Any) -> Any:
+            self.checks.append(server_id)
+            return count(connection, server_id, check)
+
+        self.proxy._count_consumers = counting  # type: ignore[method-assign]
+        rig.settle(1.5)
+
+    def test_durable_queue_without_consumer_fails_fast(self) -> None:
+        """A call to a durable server queue nobody consumes fails with
+        ServerUnavailable at once (not a timeout), and so do calls in the next second."""
+        rig, proxy = self.rig, self.proxy
+        self.server.stopService()
+        rig.settle(0.1)
+        self.assertIn("server_s1_queue", rig.broker.queues)  # the queue stays
+        first = Outcome(proxy.call("s1", "echo", 2))
+        rig.settle(0)
+        self.assertIsInstance(first.value, ServerUnavailable)
+        self.assertIn("no server consumes its queue server_s1_queue", str(first.value))
+        queued = len(rig.broker.queues["server_s1_queue"].messages)
+        more = [Outcome(proxy.call("s1", "echo", i)) for i in range(10)]
+        rig.settle(0.5)
+        for call in more:
+            self.assertIsInstance(call.value, ServerUnavailable)
+        self.assertEqual(len(rig.broker.queues["server_s1_queue"].messages), queued)
+        self.assertEqual(self.checks, ["s1"])  # at most one check a second
+        self.assertEqual(proxy.pending_count, 0)
+
+    def test_checked_at_most_once_a_second(self) -> None:
+        """Under a steady stream of calls the consumer count is checked at most once
+        a second per server id, and calls to a consumed queue are answered."""
+        rig, proxy = self.rig, self.proxy
+        calls = []
+        for _ in range(50):  # 5 s of calls, 10 a second
+            calls.append(Outcome(proxy.call("s1", "echo", "x")))
+            rig.settle(0.1)
+        self.assertEqual([c.value for c in calls], ["x"] * 50)
+        self.assertGreaterEqual(len(self.checks), 4)
+        self.assertLessEqual(len(self.checks), 6)
+
+    def test_server_back_serves_again(self) -> None:
+        """Once a server consumes the queue again, calls are answered (after at most
+        a second of ServerUnavailable)."""
+        rig, proxy = self.rig, self.proxy
+        self.server.stopService()
+        rig.settle(0.1)
+        self.assertIsInstance(Outcome(proxy.call("s1", "echo", 2)).value, ServerUnavailable)
+        rig.server("s1", {"echo": lambda x: x}, durable=True)
+        rig.settle(1.1)
+        call = Outcome(proxy.call("s1", "echo", 3))
+        rig.settle(0.1)
+        self.assertEqual(call.value, 3)

@@ -60,6 +60,19 @@ log = Logger(namespace="callme.proxy")
 #: published again instead of failing with ServerUnavailable.
 RECONNECT_GRACE = 5.0
 RETRY_DELAY = 0.25
+#: Seconds between two checks of one server queue's consumer count.
+CONSUMER_CHECK_INTERVAL = 1.0
+
+
+@attrs.define(slots=True, eq=False)
+class _ConsumerCheck:
+    """When a server id's queue was last checked for consumers, and with what."""
+
+    at: float = float("-inf")
+    #: when the queue was last seen with no consumer (None: it had one)
+    empty_at: float | None = None
+    #: calls published to it while a check is running (None: no check running)
+    since: list[str] | None = None
 
 
 @attrs.define(slots=True, eq=False)
@@ -131,6 +144,8 @@ class Proxy:
         self._recover_timer: Any = None
         self._recover_attempts = 0
         self._connected_at: float | None = None
+        self._checks: dict[str, _ConsumerCheck] = {}
+        self._control: Channel | None = None
         self._closed = False
         self._session = Session(reactor, self.params, self._prepare, self._lost,
                                 name="proxy", max_body_size=max_body_size, log=log)
@@ -302,6 +317,7 @@ class Proxy:
 
     def _lost(self, error: CallmeError) -> None:
         self._connection = None
+        self._control = None
         self._live = None
         self._reply_channel = None
         self._destinations = {}
@@ -364,6 +380,14 @@ class Proxy:
     def _publish(self, corr: str, call: _Call) -> None:
         connection = self._live
         assert connection is not None
+        server_id = call.server_id
+        check = self._checks.get(server_id)
+        now = self._reactor.seconds()
+        if check is None:
+            check = self._checks[server_id] = _ConsumerCheck()
+        elif check.empty_at is not None and now - check.empty_at < CONSUMER_CHECK_INTERVAL:
+            self._fail(corr, Failure(self._no_consumer(server_id)))
+            return
         destination = self._destinations.get(call.server_id)
         if destination is None or destination.dead:
             destination = self._destinations[call.server_id] = Destination(
@@ -375,6 +399,56 @@ class Proxy:
         call.seq = destination.send(corr, call.body, {
             "content_type": self.serializer.content_type, "correlation_id": corr,
             "reply_to": self.exchange, "expiration": str(max(1, int(remaining * 1000)))})
+        if check.since is not None:
+            check.since.append(corr)
+        elif now - check.at >= CONSUMER_CHECK_INTERVAL and not self._in_grace(now):
+            check.at = now
+            check.since = [corr]
+            Deferred.fromCoroutine(self._count_consumers(connection, server_id, check))
+
+    # -- servers with a queue and no consumer ---------------------------------
+
+    @staticmethod
+    def _no_consumer(server_id: str) -> ServerUnavailable:
+        return ServerUnavailable(server_id, f"no server consumes its queue "
+                                 f"{_wire.server_queue(server_id)}")
+
+    async def _control_channel(self, connection: Connection) -> Channel:
+        """The channel for passive declares (one per connection; reopened after
+        a 404 closed it)."""
+        channel = self._control
+        if channel is None or channel.closed or channel.connection is not connection:
+            channel = await connection.open_channel()
+            current = self._control
+            if current is not None and not current.closed and current.connection is connection:
+                channel.close()  # another check opened one meanwhile
+                return current
+            self._control = channel
+        return channel
+
+    async def _count_consumers(self, connection: Connection, server_id: str,
+                               check: _ConsumerCheck) -> None:
+        """A passive queue.declare of *server_id*'s queue: if nobody consumes it,
+        the calls published to it meanwhile would only wait there; fail them."""
+        count: int | None = None
+        try:
+            channel = await self._control_channel(connection)
+            declared = await channel.declare_queue(_wire.server_queue(server_id), passive=True)
+            count = declared.consumer_count
+        except CallmeError:  # no such queue (requests come back as returns), or lost
+            pass
+        since, check.since = check.since or [], None
+        if self._closed or count is None:
+            return
+        if count:
+            check.empty_at = None
+            return
+        check.empty_at = self._reactor.seconds()
+        error = self._no_consumer(server_id)
+        for corr in since:
+            call = self._pending.get(corr)
+            if call is not None and call.destination is not None:
+                self._fail(corr, Failure(error))
 
     def _returned(self, destination: Destination, corr: str) -> None:
         call = self._pending.get(corr)
@@ -399,11 +473,13 @@ class Proxy:
             if not (unroutable and self._retry_after_reconnect(corr)):
                 self._fail(corr, Failure(error))
 
+    def _in_grace(self, now: float) -> bool:
+        return self._connected_at is not None and now - self._connected_at <= RECONNECT_GRACE
+
     def _retry_after_reconnect(self, corr: str) -> bool:
         """Just after a reconnection the servers may not be back yet (a restarted
         broker loses their queues): publish again shortly instead of failing."""
-        now = self._reactor.seconds()
-        if self._connected_at is None or now - self._connected_at > RECONNECT_GRACE:
+        if not self._in_grace(self._reactor.seconds()):
             return False
         self._retry[corr] = None
         if self._retry_timer is None:
