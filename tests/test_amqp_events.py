@@ -632,3 +632,102 @@ class ShuffleTests(SynchronousTestCase):
         self.assertGreater(len(orders), 1)
         for order in orders:
             self.assertEqual(sorted(order), sorted(params.hosts))
+
+
+class ReconnectDuringPrepareTests(SynchronousTestCase):
+    """The connection drops at each step of a Session's set-up: it comes back ready."""
+
+    STEPS = ("channel.open", "basic.qos", "exchange.declare", "queue.declare", "queue.bind",
+             "basic.consume", "confirm.select")
+
+    def test_each_step(self) -> None:
+        """A drop while any set-up step waits fails that step with BrokerConnectionLost and
+        the Session reconnects, runs the whole set-up again and is ready."""
+        for step in self.STEPS:
+            broker = ScriptedBroker()
+            failures: list[BaseException] = []
+
+            async def prepare(connection: Connection,
+                              failures: list[BaseException] = failures) -> None:
+                try:
+                    channel = await connection.open_channel()
+                    await channel.qos(5)
+                    await channel.declare_exchange("ex")
+                    await channel.declare_queue("q")
+                    await channel.bind_queue("q", "ex", "k")
+                    await channel.consume("q", lambda d: None)
+                    await channel.confirm_select()
+                except CallmeError as e:
+                    failures.append(e)
+                    raise
+
+            session = Session(broker.clock, broker.params(), prepare, lambda e: None,
+                              name=step)
+            session.start()
+            broker.run(session.ready())
+            broker.silence(step, times=1)
+            broker.peer.drop()  # reconnects, and the set-up stalls at *step*
+            broker.advance(1)
+            self.assertEqual(len(broker.peers), 2, step)
+            d = session.ready()
+            self.assertNoResult(d)
+            broker.peer.drop()
+            broker.advance(2)
+            connection = self.successResultOf(d)
+            self.assertIs(connection.protocol, broker.peers[2].protocol, step)
+            self.assertEqual(len(failures), 1, step)
+            self.assertIsInstance(failures[0], BrokerConnectionLost, step)
+            session.stop()
+            broker.flush()
+
+
+class ConfirmedPublisherTests(SynchronousTestCase):
+    """ConfirmedPublisher on a real Channel: failures distinguishable by type."""
+
+    def setUp(self) -> None:
+        from txcallme.amqp import ConfirmedPublisher
+        self.broker = ScriptedBroker()
+        self.broker.auto_confirm = False
+        self.connection = self.broker.connection()
+        self.publisher = ConfirmedPublisher(self.connection.open_channel, replay=True)
+
+    def test_nack_is_publish_nacked(self) -> None:
+        """A nacked message fails with PublishNacked (a ChannelError)."""
+        from txcallme.errors import PublishNacked
+        d = self.publisher.publish("", "q", b"x", {})
+        self.broker.flush()
+        [message] = self.broker.peer.published
+        self.broker.peer.nack(message.channel, message.seq)
+        self.broker.flush()
+        self.failureResultOf(d, PublishNacked)
+
+    def test_connection_loss_is_publish_lost(self) -> None:
+        """An unconfirmed message whose connection drops fails with PublishLost."""
+        from txcallme.errors import PublishLost
+        d = self.publisher.publish("", "q", b"x", {})
+        self.broker.flush()
+        self.broker.peer.drop()
+        self.broker.flush()
+        self.failureResultOf(d, PublishLost)
+
+    def test_replay_after_404(self) -> None:
+        """A 404 fails the message to the missing exchange with NotFound; the unconfirmed
+        others are published again, in order, on a new channel and confirmed."""
+        self.broker.missing_exchanges.add("gone")
+        warm_up = self.publisher.publish("", "q", b"warm-up", {})
+        self.broker.flush()  # the channel is open now
+        good = self.publisher.publish("", "q", b"good", {})
+        bad = self.publisher.publish("gone", "k", b"bad", {})
+        after = self.publisher.publish("", "q", b"after", {})
+        self.broker.flush()
+        self.failureResultOf(bad, NotFound)
+        self.assertNoResult(good)
+        last = self.broker.peer.published[-1]
+        self.broker.peer.ack(last.channel, last.seq, multiple=True)
+        self.broker.flush()
+        self.successResultOf(warm_up)  # unconfirmed when the channel died: replayed too
+        self.successResultOf(good)
+        self.successResultOf(after)
+        self.assertEqual([p.body for p in self.broker.peer.published],
+                         [b"warm-up", b"good", b"bad",  # "after" was dropped with the channel
+                          b"warm-up", b"good", b"after"])
