@@ -149,3 +149,29 @@ async def test_durable_server_queue_without_consumer_fails_fast(services: Servic
             await ch.delete_exchange(f"server_{sid}_ex")
         finally:
             await conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reply_exchange_deleted_recovers(services: Services, sid: str) -> None:
+    """Deleting the Proxy's reply exchange is noticed within seconds: calls whose
+    replies are lost fail with a clear error (not a 60 s timeout), later calls work."""
+    await services.start_server(sid, {"slow_async": slow_async, "add": add})
+    proxy = await services.ready_proxy(timeout=60)
+    old = proxy.exchange
+    conn = await broker_connect()
+    try:
+        ch = await conn.open_channel()
+        await ch.delete_exchange(old)
+    finally:
+        await conn.close()
+    start = time.monotonic()
+    lost = 0
+    while proxy.exchange == old:
+        assert time.monotonic() - start < 20, "the deleted reply exchange went unnoticed"
+        try:
+            await proxy.call(sid, "slow_async", 0.5)
+        except txcallme.BrokerConnectionLost as e:
+            assert f"its exchange {old} was deleted" in str(e)
+            lost += 1
+    assert lost >= 1
+    assert await proxy.call(sid, "add", 1, 1) == 2

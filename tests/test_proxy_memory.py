@@ -218,6 +218,36 @@ class ReplyQueueTests(SynchronousTestCase):
         self.assertEqual(proxy.pending_count, 0)
         self.assertEqual([len(c.results) for c in calls], [1, 1, 1])
 
+    def test_deleted_reply_exchange_is_noticed_and_recreated(self) -> None:
+        """Deleting the reply exchange (no notice to the consumer) is found by a passive
+        declare within seconds: calls out fail with a clear error before their timeout,
+        new reply names are declared, later calls work."""
+        rig = self.rig
+        rig.server("s1", {"slow": slow(rig)})
+        proxy = rig.proxy(timeout=30)
+        warm = Outcome(proxy.call("s1", "slow", 0, "warm"))
+        rig.settle(0.1)
+        self.assertEqual(warm.value, "warm")
+        old_exchange, old_queue = proxy.exchange, proxy.queue
+        rig.broker.delete_exchange(old_exchange)
+        calls = []
+        for i in range(5):  # a call every second; their replies have nowhere to go
+            calls.append(Outcome(proxy.call("s1", "slow", 0.5, i)))
+            rig.settle(1.0)
+        rig.settle(1.0)
+        values = [c.value for c in calls]  # all fired long before the 30 s timeout
+        lost = [v for v in values if isinstance(v, BrokerConnectionLost)]
+        self.assertTrue(lost)
+        for value in lost:
+            self.assertIn(f"its exchange {old_exchange} was deleted", str(value))
+        self.assertEqual(values[len(lost):], list(range(len(lost), 5)))  # answered after
+        self.assertNotEqual(proxy.exchange, old_exchange)
+        self.assertNotIn(old_queue, rig.broker.queues)
+        rig.settle(1.0)
+        after = Outcome(proxy.call("s1", "slow", 0, "after"))
+        rig.settle(0.1)
+        self.assertEqual(after.value, "after")
+
     def test_fresh_reply_names_per_connection(self) -> None:
         """Each connection declares reply names of its own; the old ones are gone."""
         rig = self.rig

@@ -62,6 +62,9 @@ RECONNECT_GRACE = 5.0
 RETRY_DELAY = 0.25
 #: Seconds between two checks of one server queue's consumer count.
 CONSUMER_CHECK_INTERVAL = 1.0
+#: Seconds between two checks (while calls are made) that the reply exchange
+#: still exists: deleting it sends no notice to the reply queue's consumer.
+REPLY_CHECK_INTERVAL = 2.0
 
 
 @attrs.define(slots=True, eq=False)
@@ -145,6 +148,7 @@ class Proxy:
         self._recover_attempts = 0
         self._connected_at: float | None = None
         self._checks: dict[str, _ConsumerCheck] = {}
+        self._reply_checked_at = float("-inf")
         self._control: Channel | None = None
         self._closed = False
         self._session = Session(reactor, self.params, self._prepare, self._lost,
@@ -399,6 +403,8 @@ class Proxy:
         call.seq = destination.send(corr, call.body, {
             "content_type": self.serializer.content_type, "correlation_id": corr,
             "reply_to": self.exchange, "expiration": str(max(1, int(remaining * 1000)))})
+        if now - self._reply_checked_at >= REPLY_CHECK_INTERVAL:
+            self._check_reply_exchange(connection, now)
         if check.since is not None:
             check.since.append(corr)
         elif now - check.at >= CONSUMER_CHECK_INTERVAL and not self._in_grace(now):
@@ -406,7 +412,26 @@ class Proxy:
             check.since = [corr]
             Deferred.fromCoroutine(self._count_consumers(connection, server_id, check))
 
-    # -- servers with a queue and no consumer ---------------------------------
+    # -- checks with passive declares ------------------------------------------
+
+    def _check_reply_exchange(self, connection: Connection, now: float) -> None:
+        self._reply_checked_at = now
+        Deferred.fromCoroutine(self._reply_exchange_exists(connection))
+
+    async def _reply_exchange_exists(self, connection: Connection) -> None:
+        """Passive exchange.declare of the reply exchange; if it is gone, the
+        replies to every call out are lost: handle it as a lost reply queue."""
+        channel = self._reply_channel
+        exchange = self.exchange
+        try:
+            control = await self._control_channel(connection)
+            await control.declare_exchange(exchange, "direct", passive=True)
+        except NotFound:
+            if channel is not None and channel is self._reply_channel:
+                self._replies_lost(channel, f"its exchange {exchange} was deleted")
+        except CallmeError:
+            pass
+
 
     @staticmethod
     def _no_consumer(server_id: str) -> ServerUnavailable:
@@ -522,6 +547,10 @@ class Proxy:
             self._finish(corr)
             error = RpcTimeout(call.server_id, call.method, call.timeout)
             connection = self._connection
+            now = self._reactor.seconds()
+            if call.destination is not None and self._live is not None \
+                    and now - self._reply_checked_at >= CONSUMER_CHECK_INTERVAL:
+                self._check_reply_exchange(self._live, now)  # was the reply lost?
             blocked = connection.blocked_reason if connection is not None else None
             if blocked is not None:
                 error.args = (f"{error}: the broker is blocking publishes on this "
