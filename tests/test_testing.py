@@ -7,6 +7,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from txcallme import (
+    CallmeServerService,
+    Proxy,
     ProxyClosed,
     RemoteError,
     RpcTimeout,
@@ -95,3 +97,38 @@ class MemoryPairTests(SynchronousTestCase):
         self.failureResultOf(d, ProxyClosed)
         self.failureResultOf(self.proxy.call("fooserver", "add", 1, 1), ProxyClosed)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class RealCodeTests(SynchronousTestCase):
+    """MemoryBroker runs the real Proxy and server, so broker events reach them."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.broker = MemoryBroker(self.clock)
+        self.server = self.broker.server("fooserver")
+        self.server.register_function(lambda a, b: a + b, "add")
+        self.proxy = self.broker.proxy(timeout=5)
+
+    def test_real_objects(self) -> None:
+        """broker.proxy() is a txcallme.Proxy and broker.server() a CallmeServerService."""
+        self.assertIsInstance(self.proxy, Proxy)
+        self.assertIsInstance(self.server, CallmeServerService)
+        self.assertIn("server_fooserver_queue", self.broker.amqp.queues)
+
+    def test_stopped_server_is_unavailable(self) -> None:
+        """After server.stop(), a call fails with ServerUnavailable, not a timeout."""
+        self.successResultOf(self.server.stop())
+        self.failureResultOf(self.proxy.call("fooserver", "add", 1, 1), ServerUnavailable)
+
+    def test_connection_drop_recovers(self) -> None:
+        """After the broker drops every connection, both sides reconnect on the clock
+        and a new call is answered."""
+        self.broker.amqp.drop_connections()
+        self.clock.advance(30)
+        self.assertEqual(self.successResultOf(self.proxy.call("fooserver", "add", 2, 3)), 5)
+
+    def test_threading_refused(self) -> None:
+        """A threaded memory server is refused with a clear ValueError."""
+        with self.assertRaises(ValueError) as info:
+            self.broker.server("threaded", threading=True)
+        self.assertIn("threading", str(info.exception))
