@@ -119,7 +119,8 @@ def test_off_records_nothing(off: None) -> None:
     server.refused("stale", "add", "1")
     server.redelivered()
     server.reconnected()
-    assert all(not f.samples for f in families().values())
+    recorded = [(s.name, s.value) for f in families().values() for s in f.samples]
+    assert recorded == [("txcallme_client_reconnections_total", 0)]
 
 
 def test_off_cost_per_call(off: None) -> None:
@@ -202,7 +203,7 @@ def test_client_span_attributes_and_headers(telemetry: Telemetry) -> None:
     span_id = format(span.context.span_id, "016x")
     flags = format(span.context.trace_flags, "02x")
     assert headers["traceparent"] == f"00-{trace_id}-{span_id}-{flags}"
-    assert [e.name for e in span.events] == ["publish", "publish"]
+    assert list(span.events) == []
 
 
 def test_client_timeout_span(telemetry: Telemetry) -> None:

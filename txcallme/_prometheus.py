@@ -74,8 +74,9 @@ class Counter(Metric):
         self.values[labels] = self.values.get(labels, 0.0) + amount
 
     def samples(self) -> list[str]:
+        values = self.values or ({} if self.labelnames else {(): 0.0})  # 0 before the first
         return [f"{self.name}{_labels(self.labelnames, k)} {_number(v)}"
-                for k, v in sorted(self.values.items())]
+                for k, v in sorted(values.items())]
 
     def reset(self) -> None:
         self.values.clear()

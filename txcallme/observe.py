@@ -212,12 +212,16 @@ class _OtelMetrics:
             meter, "rpc.client.call.duration", "Duration of outgoing txcallme calls.")
         self.server_duration = _histogram(
             meter, "rpc.server.call.duration", "Duration of incoming txcallme calls.")
-        self.client_active = meter.create_up_down_counter(
-            "txcallme.client.active_calls", unit="{call}",
+        # calls in flight are counted here and observed at collection time: an
+        # up-down counter's add() per call start and end costs more than the call
+        self.client_active: dict[str, int] = {}
+        self.server_active: dict[str, int] = {}
+        meter.create_observable_up_down_counter(
+            "txcallme.client.active_calls", callbacks=[self._client_active], unit="{call}",
             description="Calls waiting for a reply.")
-        self.server_active = meter.create_up_down_counter(
-            "txcallme.server.active_calls", unit="{call}",
-            description="Requests being run or replied to.")
+        meter.create_observable_up_down_counter(
+            "txcallme.server.active_calls", callbacks=[self._server_active], unit="{call}",
+            description="Requests being run.")
         self.refused = meter.create_counter(
             "txcallme.server.refused_requests", unit="{request}",
             description="Requests not run: stale, invalid or too large.")
@@ -231,13 +235,39 @@ class _OtelMetrics:
             "txcallme.server.pool.busy_threads", callbacks=[self._busy], unit="{thread}",
             description="Threads of a server's pool running a call.")
 
+        self._attributes: dict[tuple[str, str, str, str | None], dict[str, str]] = {}
+
+    def attributes(self, server_id: str, method: str, outcome: str,
+                   error_type: str | None) -> dict[str, str]:
+        """The (cached, bounded) attributes of one duration measurement."""
+        key = (server_id, method, outcome, error_type)
+        found = self._attributes.get(key)
+        if found is None:
+            found = {"rpc.system.name": RPC_SYSTEM, "txcallme.server_id": server_id,
+                     "rpc.method": f"{server_id}/{method}" if method != OTHER else OTHER,
+                     "txcallme.outcome": outcome}
+            if error_type is not None:
+                found["error.type"] = error_type
+            if len(self._attributes) < 10_000:
+                self._attributes[key] = found
+        return found
+
     @staticmethod
-    def _busy(options: Any) -> Iterable[Any]:
+    def _observations(counts: Iterable[tuple[str, int]]) -> Iterable[Any]:
         from opentelemetry.metrics import Observation
 
-        for server_id, busy in _busy_threads():
-            yield Observation(busy, {"rpc.system.name": RPC_SYSTEM,
-                                     "txcallme.server_id": server_id})
+        for server_id, value in counts:
+            yield Observation(value, {"rpc.system.name": RPC_SYSTEM,
+                                      "txcallme.server_id": server_id})
+
+    def _busy(self, options: Any) -> Iterable[Any]:
+        return self._observations(_busy_threads())
+
+    def _client_active(self, options: Any) -> Iterable[Any]:
+        return self._observations(list(self.client_active.items()))
+
+    def _server_active(self, options: Any) -> Iterable[Any]:
+        return self._observations(list(self.server_active.items()))
 
 
 class _PrometheusMetrics:
@@ -418,8 +448,8 @@ class ClientCall(Call):
         if signals.prom is not None:
             signals.prom.client_in_flight.inc((server_id,))
         if signals.otel is not None:
-            signals.otel.client_active.add(1, {"rpc.system.name": RPC_SYSTEM,
-                                               "txcallme.server_id": server_id})
+            active = signals.otel.client_active
+            active[server_id] = active.get(server_id, 0) + 1
         self._start = time.perf_counter()
 
     def headers(self) -> dict[str, str] | None:
@@ -432,7 +462,6 @@ class ClientCall(Call):
             carrier: dict[str, str] = {}
             tracing.inject(carrier, context=tracing.set_span_in_context(self._span))
             self._headers = carrier
-        self._span.add_event("publish")
         return self._headers
 
     def done(self, result: T) -> T:
@@ -453,14 +482,12 @@ class ClientCall(Call):
         if signals.prom is not None:
             signals.prom.client_in_flight.dec((self.server_id,))
             signals.prom.client_duration.observe((self.server_id, method, outcome), duration)
-        if signals.otel is not None:
-            attributes = {"rpc.system.name": RPC_SYSTEM, "txcallme.server_id": self.server_id}
-            signals.otel.client_active.add(-1, attributes)
-            attributes["rpc.method"] = f"{self.server_id}/{method}" if method != OTHER else OTHER
-            attributes["txcallme.outcome"] = outcome
-            if error is not None:
-                attributes["error.type"] = _error_type(error)
-            signals.otel.client_duration.record(duration, attributes)
+        otel = signals.otel
+        if otel is not None:
+            otel.client_active[self.server_id] -= 1
+            otel.client_duration.record(duration, otel.attributes(
+                self.server_id, method, outcome,
+                _error_type(error) if error is not None else None))
         span, tracing = self._span, signals.tracing
         if span is not None and tracing is not None:
             if error is not None:
@@ -595,8 +622,8 @@ class ServerCall(Call):
         if signals.prom is not None:
             signals.prom.server_in_flight.inc((observer.server_id,))
         if signals.otel is not None:
-            signals.otel.server_active.add(1, {"rpc.system.name": RPC_SYSTEM,
-                                               "txcallme.server_id": observer.server_id})
+            active = signals.otel.server_active
+            active[observer.server_id] = active.get(observer.server_id, 0) + 1
         self._start = time.perf_counter()
 
     def run(self, func: Callable[..., T], *args: Any) -> T:
@@ -659,16 +686,11 @@ class ServerCall(Call):
         if signals.prom is not None:
             signals.prom.server_in_flight.dec((server_id,))
             signals.prom.server_duration.observe((server_id, self.method, outcome), duration)
-        if signals.otel is not None:
-            attributes: dict[str, Any] = {"rpc.system.name": RPC_SYSTEM,
-                                          "txcallme.server_id": server_id}
-            signals.otel.server_active.add(-1, attributes)
-            attributes["rpc.method"] = (f"{server_id}/{self.method}" if self.method != OTHER
-                                        else OTHER)
-            attributes["txcallme.outcome"] = outcome
-            if error_type is not None:
-                attributes["error.type"] = error_type
-            signals.otel.server_duration.record(duration, attributes)
+        otel = signals.otel
+        if otel is not None:
+            otel.server_active[server_id] -= 1
+            otel.server_duration.record(duration, otel.attributes(
+                server_id, self.method, outcome, error_type))
 
 
 def pool_busy(pool: Any) -> Callable[[], int] | None:
@@ -697,11 +719,12 @@ class Everything:
         reset()
 
 
-def enable_everything(span_exporter: Any = None) -> Everything:
+def enable_everything(span_exporter: Any = None, *, sample_ratio: float = 1.0) -> Everything:
     """Switch on tracing, OpenTelemetry metrics and Prometheus for observers
     created from now on, with the OpenTelemetry SDK (``opentelemetry-sdk``):
     spans go through a ``BatchSpanProcessor`` to *span_exporter* (default: one
-    that drops them), metrics are aggregated for an in-memory reader. For
+    that drops them), a ``ParentBased(TraceIdRatioBased(sample_ratio))`` sampler
+    keeps that share of new traces, metrics are aggregated for an in-memory reader. For
     benchmarks measuring the cost of observability; call it before creating
     proxies and services."""
     from opentelemetry.sdk.metrics import MeterProvider
@@ -712,13 +735,14 @@ def enable_everything(span_exporter: Any = None) -> Everything:
         SpanExporter,
         SpanExportResult,
     )
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     class _Drop(SpanExporter):
         def export(self, spans: Any) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
     exporter = span_exporter if span_exporter is not None else _Drop()
-    tracer_provider = TracerProvider()
+    tracer_provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
     tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
