@@ -28,13 +28,16 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_wheel_contents(wheel: Path) -> None:
-    """The wheel has the twistd plugin (no __init__ in twisted/), the spec XML and py.typed."""
+    """The wheel has the twistd plugin (no __init__ in twisted/), the spec XML, the
+    JSON Schemas of the wire envelopes and py.typed."""
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "twisted/plugins/callme_plugin.py" in names
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
     assert "txcallme/amqp/amqp0-9-1.xml" in names
     assert "txcallme/py.typed" in names
+    for envelope in ("request", "reply", "error"):
+        assert f"txcallme/schemas/{envelope}.schema.json" in names
     assert not any(n.startswith(("tests/", "benchmarks/", "examples/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "callme = txcallme.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
