@@ -425,3 +425,60 @@ def test_metrics_resource(telemetry: Telemetry) -> None:
     assert body.decode() == observe.prometheus_text()
     assert 'txcallme_client_call_duration_seconds_count{server_id="s",method="add",' \
            'outcome="ok"} 1' in body.decode()
+
+
+# -- README.rst's Observability blocks (checked by tests/test_readme.py) -----------------
+
+
+def check_readme_block(text: str) -> None:
+    """A README literal block of the Observability section says what the code does."""
+    if text.startswith("trace "):
+        check_span_tree(text)
+    else:
+        check_scrape_excerpt(text)
+
+
+def check_span_tree(text: str) -> None:
+    """The span tree: a CLIENT span, its traceparent header, its child SERVER span,
+    with the names the code gives them."""
+    import re
+
+    lines = text.splitlines()
+    trace_id = re.match(r"trace ([0-9a-f]{32}):", lines[0]).group(1)  # type: ignore[union-attr]
+    client = re.match(r"(\S+)  CLIENT .* span ([0-9a-f]{16})$", lines[1])
+    assert client is not None
+    assert re.search(rf"traceparent: 00-{trace_id}-{client.group(2)}-[0-9a-f]{{2}}$", text,
+                     re.MULTILINE)
+    server = re.search(r"\|-- (\S+)  SERVER .* span [0-9a-f]{16}, parent ([0-9a-f]{16})$",
+                       text, re.MULTILINE)
+    assert server is not None and server.group(2) == client.group(2)
+    t = Telemetry()
+    observe.configure(tracer_provider=t.tracer_provider)
+    try:
+        call = observe.ClientObserver().client_call("fooserver", "add", "1")
+        observed = observe.ServerObserver("fooserver", {"add": None}).server_call(
+            "add", "1", call.headers())
+        observed.replied(_wire.encode_result(JSON, 3))
+        call.done(3)
+    finally:
+        observe.reset()
+    server_span, client_span = t.finished()
+    assert (client.group(1), server.group(1)) == (client_span.name, server_span.name)
+    assert "server_fooserver_ex" in text and "routing key fooserver" in text
+
+
+def check_scrape_excerpt(text: str) -> None:
+    """The scrape excerpt parses, and every family, type, help text and label in it is
+    the code's."""
+    registry = observe.enable_prometheus()
+    try:
+        parsed = list(text_string_to_metric_families(text))
+    finally:
+        observe.reset()
+    assert len(parsed) >= 5
+    for family in parsed:
+        name = family.name + ("_total" if family.type == "counter" else "")
+        metric = registry.metrics[name]
+        assert (family.type, family.documentation) == (metric.kind, metric.help), name
+        for sample in family.samples:
+            assert set(sample.labels) <= {*metric.labelnames, "le"}, sample

@@ -357,6 +357,10 @@ def check_literal(block: Block) -> None:
         check_wire_json(block)
     elif block.text.startswith("rabbitmqctl set_permissions"):
         check_permissions(block)
+    elif block.text.startswith(("trace ", "# HELP txcallme_")):  # Observability
+        from test_observe import check_readme_block
+
+        check_readme_block(block.text)
     else:
         pytest.fail(f"no check for the literal block at line {block.line}")
 
