@@ -482,3 +482,23 @@ def check_scrape_excerpt(text: str) -> None:
         assert (family.type, family.documentation) == (metric.kind, metric.help), name
         for sample in family.samples:
             assert set(sample.labels) <= {*metric.labelnames, "le"}, sample
+
+
+def test_server_call_refused_after_receipt(telemetry: Telemetry) -> None:
+    """A request that went stale while waiting for a thread is counted as refused, once,
+    and its span (started at receipt) ends as a refusal."""
+    server = observe.ServerObserver("s", {"add": None})
+    call = server.server_call("add", "1", None)
+    call.refuse("stale")
+    call.refuse("stale")
+    call.replied(_wire.encode_result(JSON, 1))
+    [span] = telemetry.finished()
+    assert span.attributes["txcallme.refused"] == "stale"
+    assert span.attributes["error.type"] == "txcallme.errors.RequestExpired"
+    assert samples("txcallme_server_requests_refused_total") == {
+        ("txcallme_server_requests_refused_total", (("reason", "stale"), ("server_id", "s"))): 1}
+    assert samples("txcallme_server_calls_in_flight") == {
+        ("txcallme_server_calls_in_flight", (("server_id", "s"),)): 0}
+    assert "txcallme_server_call_duration_seconds_count" not in str(
+        samples("txcallme_server_call_duration_seconds"))
+    assert observe.NULL_CALL.refuse("stale") is None

@@ -117,6 +117,9 @@ class Call:
     def replied(self, body: bytes) -> bytes:
         return body
 
+    def refuse(self, reason: str, error: BaseException | None = None) -> None:
+        pass
+
 
 #: What observers return for every call when nothing is switched on.
 NULL_CALL = Call()
@@ -535,9 +538,16 @@ class ServerObserver:
     def refused(self, reason: str, method: str | None = None, correlation_id: Any = None,
                 headers: Any = None, error: BaseException | None = None) -> None:
         """A request was not run: *reason* is ``stale``, ``invalid`` or ``too_large``."""
-        signals = self._signals
         if not self.live:
             return
+        tracing = self._signals.tracing
+        span = (_server_span(self, tracing, method, correlation_id, headers)
+                if tracing is not None else None)
+        self._refused(reason, method, span, error)
+
+    def _refused(self, reason: str, method: str | None, span: Any,
+                 error: BaseException | None) -> None:
+        signals = self._signals
         if signals.prom is not None:
             signals.prom.refused.inc((self.server_id, reason))
         if signals.otel is not None:
@@ -545,12 +555,11 @@ class ServerObserver:
                                          "txcallme.server_id": self.server_id,
                                          "txcallme.reason": reason})
         tracing = signals.tracing
-        if tracing is not None:
+        if tracing is not None and span is not None:
             if error is None:
                 error = (RequestExpired(f"request {method!r} reached the server after its "
                                         "caller's deadline: not run") if reason == "stale"
                          else InvalidRequest(f"request refused: {reason}"))
-            span = _server_span(self, tracing, method, correlation_id, headers)
             span.set_attribute("txcallme.refused", reason)
             _fail_span(tracing, span, qualified_name(type(error)), str(error), error)
             span.end()
@@ -607,13 +616,14 @@ class ServerCall(Call):
     """One observed request on a server: a SERVER span (a child of the caller's
     span when the request carries its context), duration and outcome."""
 
-    __slots__ = ("_observer", "method", "_start", "_span", "_ended")
+    __slots__ = ("_observer", "method", "_original", "_start", "_span", "_ended")
     live = True
 
     def __init__(self, observer: ServerObserver, method: str, correlation_id: Any,
                  headers: Any) -> None:
         self._observer = observer
         self.method = method if method in observer.methods else OTHER
+        self._original = method
         self._ended = False
         signals = observer._signals
         tracing = signals.tracing
@@ -655,6 +665,20 @@ class ServerCall(Call):
         else:
             self._finish_remote(reply.error)
         return body
+
+    def refuse(self, reason: str, error: BaseException | None = None) -> None:
+        """The request is not run after all (*reason* ``stale``: its deadline passed
+        while it waited): counted as refused, not as a call."""
+        if self._ended:
+            return
+        self._ended = True
+        observer = self._observer
+        signals = observer._signals
+        if signals.prom is not None:
+            signals.prom.server_in_flight.dec((observer.server_id,))
+        if signals.otel is not None:
+            signals.otel.server_active[observer.server_id] -= 1
+        observer._refused(reason, self._original, self._span, error)
 
     def _finish_remote(self, error: dict[str, Any]) -> None:
         error_type = error["type"]
