@@ -4,12 +4,16 @@ queues and exchanges are touched."""
 
 from __future__ import annotations
 
+import json
+import shlex
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
-from _brokerctl import ctl
-from conftest import Services, broker_connect, sleep
+from _brokerctl import ctl, rand
+from conftest import Services, broker_connect, new_server_id, sleep
 from twisted.internet import defer
 
 import txcallme
@@ -175,3 +179,107 @@ async def test_reply_exchange_deleted_recovers(services: Services, sid: str) -> 
             lost += 1
     assert lost >= 1
     assert await proxy.call(sid, "add", 1, 1) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_reply_to(services: Services, sid: str) -> None:
+    """With direct_reply_to=True the Proxy declares no reply objects, sends
+    reply_to=amq.rabbitmq.reply-to, and gets replies published to the default
+    exchange (by a hand-made server here)."""
+    conn = await broker_connect()
+    seen: list[Any] = []
+    try:
+        ch = await conn.open_channel()
+        await ch.declare_exchange(f"server_{sid}_ex", "direct", auto_delete=True)
+        await ch.declare_queue(f"server_{sid}_queue", durable=True, auto_delete=True)
+        await ch.bind_queue(f"server_{sid}_queue", f"server_{sid}_ex", sid)
+
+        def answer(delivery: Any) -> None:
+            request = json.loads(delivery.body)
+            seen.append(delivery.properties.get("reply_to"))
+            ch.publish("", delivery.properties["reply_to"],
+                       json.dumps({"result": sum(request["args"])}).encode(),
+                       {"correlation_id": delivery.properties["correlation_id"],
+                        "content_type": "application/json"})
+
+        await ch.consume(f"server_{sid}_queue", answer, no_ack=True)
+        before = set(ctl("list_queues", "name").split())
+        proxy = await services.ready_proxy(direct_reply_to=True, timeout=10)
+        assert (proxy.exchange, proxy.queue) == ("", "")
+        results = await defer.gatherResults([proxy.call(sid, "add", i, 1) for i in range(20)])
+        assert results == [i + 1 for i in range(20)]
+        assert all(r.startswith("amq.rabbitmq.reply-to.") for r in seen), seen[:2]
+        assert not {q for q in set(ctl("list_queues", "name").split()) - before
+                    if q.startswith("client_")}
+        assert proxy.pending_count == 0
+    finally:
+        await conn.close()
+
+
+def readme_direct_reply_grant() -> tuple[str, str, str]:
+    """The client's (olivia's) permissions for Direct Reply-to, as README gives them."""
+    readme = (Path(__file__).parent.parent / "README.rst").read_text()
+    for line in readme.splitlines():
+        words = shlex.split(line.strip()) if "set_permissions" in line else []
+        if words[4:5] == ["olivia"] and words[5] == "^$":
+            return words[5], words[6], words[7]
+    raise AssertionError("README gives no Direct Reply-to grant for the client")
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_reply_to_with_readme_permissions(services: Services, sid: str) -> None:
+    """A client user with only README's Direct Reply-to grant (no configure, no read)
+    calls a server through Direct Reply-to."""
+    configure, write, read = readme_direct_reply_grant()
+    user = f"t-direct-{rand()}"
+    ctl("add_user", user, "pw")
+    try:
+        ctl("set_permissions", "-p", "/", user, configure, write.replace("fooserver", sid),
+            read)
+        conn = await broker_connect()
+        try:
+            ch = await conn.open_channel()
+            await ch.declare_exchange(f"server_{sid}_ex", "direct", auto_delete=True)
+            await ch.declare_queue(f"server_{sid}_queue", durable=True, auto_delete=True)
+            await ch.bind_queue(f"server_{sid}_queue", f"server_{sid}_ex", sid)
+            await ch.consume(f"server_{sid}_queue", lambda d: ch.publish(
+                "", d.properties["reply_to"], b'{"result": 42}',
+                {"correlation_id": d.properties["correlation_id"],
+                 "content_type": "application/json"}), no_ack=True)
+            proxy = await services.ready_proxy(amqp_user=user, amqp_password="pw",
+                                               direct_reply_to=True, timeout=10)
+            assert await proxy.call(sid, "anything") == 42
+            with pytest.raises(txcallme.AccessRefused):  # and nothing else
+                await proxy.call(new_server_id(), "anything")
+        finally:
+            await conn.close()
+    finally:
+        ctl("delete_user", user)
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_reply_to_channel_closed_fails_its_calls(services: Services,
+                                                              sid: str) -> None:
+    """With Direct Reply-to, a request channel closed by a 404 fails the calls whose
+    replies were due on it with BrokerConnectionLost at once (at-most-once)."""
+    conn = await broker_connect()
+    try:
+        ch = await conn.open_channel()
+        await ch.declare_exchange(f"server_{sid}_ex", "direct", auto_delete=False)
+        await ch.declare_queue(f"server_{sid}_queue", durable=True, auto_delete=True)
+        await ch.bind_queue(f"server_{sid}_queue", f"server_{sid}_ex", sid)
+        await ch.consume(f"server_{sid}_queue", lambda d: None, no_ack=True)  # never answers
+        proxy = await services.ready_proxy(direct_reply_to=True, timeout=30)
+        waiting = [proxy.call(sid, "f") for _ in range(3)]
+        await sleep(0.5)  # taken by the broker
+        await ch.delete_exchange(f"server_{sid}_ex")
+        start = time.monotonic()
+        with pytest.raises(txcallme.ServerUnavailable):
+            await proxy.call(sid, "f")  # its own request: 404
+        for ok, value in await defer.DeferredList(waiting, consumeErrors=True):
+            assert not ok and value.check(txcallme.BrokerConnectionLost), value
+            assert "Direct Reply-to" in str(value.value)
+        assert time.monotonic() - start < 10
+        await ch.delete_queue(f"server_{sid}_queue")
+    finally:
+        await conn.close()

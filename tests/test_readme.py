@@ -352,9 +352,29 @@ def check_permissions(block: Block) -> None:
     assert not re.search(write, "server_barserver_ex")
 
 
+def check_direct_reply_permissions(block: Block) -> None:
+    """The Direct Reply-to grants: the server may write amq.default, the client
+    configures and reads nothing and writes only fooserver's exchange (the
+    client line is applied on the broker by test_proxy_broker.py)."""
+    lines = block.text.splitlines()
+    assert len(lines) == 2
+    carl, olivia = (shlex.split(line) for line in lines)
+    for words, user in ((carl, "carl"), (olivia, "olivia")):
+        assert words[:5] == ["rabbitmqctl", "set_permissions", "-p", "VHOST", user]
+    assert re.search(carl[6], "amq.default") and re.search(carl[6], "server_fooserver_ex")
+    configure, write, read = olivia[5:]
+    for name in ("client_olivia_ex_1", "client_olivia_queue_1", "amq.rabbitmq.reply-to",
+                 "server_fooserver_queue"):
+        assert not re.search(configure, name) and not re.search(read, name)
+    assert re.search(write, "server_fooserver_ex")
+    assert not re.search(write, "server_barserver_ex")
+
+
 def check_literal(block: Block) -> None:
     if block.text.startswith("{"):
         check_wire_json(block)
+    elif block.text.startswith("rabbitmqctl set_permissions") and "amq\\.default" in block.text:
+        check_direct_reply_permissions(block)
     elif block.text.startswith("rabbitmqctl set_permissions"):
         check_permissions(block)
     elif block.text.startswith(("trace ", "# HELP txcallme_")):  # Observability

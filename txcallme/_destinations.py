@@ -20,8 +20,11 @@ from typing import Any
 
 from twisted.python.failure import Failure
 
-from txcallme.amqp import Channel, Connection, Outcome, PublishOutcome
+from txcallme.amqp import Channel, Connection, Delivery, Outcome, PublishOutcome
 from txcallme.errors import CallmeError
+
+#: RabbitMQ's pseudo-queue for Direct Reply-to.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 #: (confirm number, correlation id) of a request
 Sent = tuple[int, str]
@@ -37,13 +40,18 @@ class Destination:
       channel failed to open or died before confirming them (a 404/403 names
       the destination's exchange);
     - *closed(destination, error)*: when the channel is gone.
+
+    With *replies*, the channel also consumes RabbitMQ's Direct Reply-to
+    pseudo-queue (no-ack) before the first request, and hands each reply to it.
     """
 
     def __init__(self, connection: Connection, exchange: str, routing_key: str,
                  returned: Callable[[Destination, str], None],
                  refused: Callable[[Destination, list[Sent], CallmeError], None],
-                 closed: Callable[[Destination, CallmeError], None]) -> None:
+                 closed: Callable[[Destination, CallmeError], None], *,
+                 replies: Callable[[Delivery], None] | None = None) -> None:
         self._connection = connection
+        self._replies = replies
         self.exchange = exchange
         self.routing_key = routing_key
         self._returned = returned
@@ -109,6 +117,9 @@ class Destination:
 
     def _configure(self, channel: Channel) -> Any:
         d = channel.confirm_select()
+        replies = self._replies
+        if replies is not None:  # Direct Reply-to: consumed on the publishing channel
+            d.addCallback(lambda _: channel.consume(DIRECT_REPLY_TO, replies, no_ack=True))
         d.addCallback(lambda _: channel)
 
         def failed(reason: Failure) -> Failure:

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from txcallme import _wire
 from txcallme._deadlines import Deadline, Deadlines
-from txcallme._destinations import Destination, Sent
+from txcallme._destinations import DIRECT_REPLY_TO, Destination, Sent
 from txcallme.amqp import (
     Channel,
     Connection,
@@ -97,7 +97,13 @@ class Proxy:
     """A client for txcallme servers. It connects when created.
 
     Parameters follow callme's ``Proxy``; ``timeout`` (seconds) is the
-    default for every call.
+    default for every call. ``direct_reply_to=True`` takes replies through
+    RabbitMQ's Direct Reply-to (``amq.rabbitmq.reply-to``, consumed no-ack on
+    each request channel): no reply exchange or queue is declared, so the
+    client needs no configure permission; replies are at-most-once, and a
+    request channel that closes loses the replies of its calls (they fail
+    with BrokerConnectionLost). Servers reply to it through the default
+    exchange.
     """
 
     def __init__(
@@ -114,6 +120,7 @@ class Proxy:
         params: ConnectionParams | None = None,
         serializer: Serializer = JSON,
         max_body_size: int = 64 * 1024 * 1024,
+        direct_reply_to: bool = False,
         reactor: Any = None,
     ) -> None:
         if reactor is None:
@@ -129,9 +136,13 @@ class Proxy:
         #: called with (exchange, queue) each time the Proxy picks new reply
         #: names (a new connection, a re-created reply queue)
         self.on_reply_names: list[Callable[[str, str], None]] = []
+        #: replies come through RabbitMQ's Direct Reply-to (no reply queue)
+        self.direct_reply_to = direct_reply_to
         self.exchange = ""
         self.queue = ""
-        self._new_names()
+        if not direct_reply_to:
+            self._new_names()
+        self._reply_to = DIRECT_REPLY_TO if direct_reply_to else self.exchange
         self._names_used = False
         self._pending: dict[str, _Call] = {}
         self._deadlines = Deadlines(reactor, self._expire)
@@ -236,7 +247,7 @@ class Proxy:
 
     def _new_names(self) -> None:
         uid = uuid.uuid4().hex
-        self.exchange = _wire.client_exchange(self.params.user, uid)
+        self.exchange = self._reply_to = _wire.client_exchange(self.params.user, uid)
         self.queue = _wire.client_queue(self.params.user, uid)
         for callback in self.on_reply_names:
             callback(self.exchange, self.queue)
@@ -244,7 +255,10 @@ class Proxy:
     async def _prepare(self, connection: Connection) -> None:
         self._connection = connection
         self._destinations = {}
-        await self._consume_replies(connection)
+        if self.direct_reply_to:  # each request channel consumes its own replies
+            self._live = connection
+        else:
+            await self._consume_replies(connection)
         # a grace period for servers to come back applies to reconnections only
         self._connected_at = self._reactor.seconds() if self._session.ever_connected else None
         self._flush()
@@ -396,14 +410,15 @@ class Proxy:
         if destination is None or destination.dead:
             destination = self._destinations[call.server_id] = Destination(
                 connection, _wire.server_exchange(call.server_id), call.server_id,
-                self._returned, self._refused, self._destination_closed)
+                self._returned, self._refused, self._destination_closed,
+                replies=self._reply if self.direct_reply_to else None)
         call.destination = destination
         call.seq = 0
         remaining = call.deadline - self._reactor.seconds()
         call.seq = destination.send(corr, call.body, {
             "content_type": self.serializer.content_type, "correlation_id": corr,
-            "reply_to": self.exchange, "expiration": str(max(1, int(remaining * 1000)))})
-        if now - self._reply_checked_at >= REPLY_CHECK_INTERVAL:
+            "reply_to": self._reply_to, "expiration": str(max(1, int(remaining * 1000)))})
+        if now - self._reply_checked_at >= REPLY_CHECK_INTERVAL and not self.direct_reply_to:
             self._check_reply_exchange(connection, now)
         if check.since is not None:
             check.since.append(corr)
@@ -520,6 +535,14 @@ class Proxy:
     def _destination_closed(self, destination: Destination, error: CallmeError) -> None:
         if self._destinations.get(destination.routing_key) is destination:
             del self._destinations[destination.routing_key]
+        if self.direct_reply_to and not self._closed:
+            # the channel was also where the replies came: those are lost
+            lost = BrokerConnectionLost(
+                f"the channel of this call's request closed before its reply ({error}); "
+                "with Direct Reply-to the reply is lost")
+            for corr, call in list(self._pending.items()):
+                if call.destination is destination:
+                    self._fail(corr, Failure(lost))
 
     # -- the end of a call -----------------------------------------------------
 
@@ -549,6 +572,7 @@ class Proxy:
             connection = self._connection
             now = self._reactor.seconds()
             if call.destination is not None and self._live is not None \
+                    and not self.direct_reply_to \
                     and now - self._reply_checked_at >= CONSUMER_CHECK_INTERVAL:
                 self._check_reply_exchange(self._live, now)  # was the reply lost?
             blocked = connection.blocked_reason if connection is not None else None
