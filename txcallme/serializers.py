@@ -99,8 +99,7 @@ class JSONSerializer:
                 if verdict is None:
                     marks = data.translate(_MARKS)
                     verdict = (_BIG_INT if _LONG_RUN in marks
-                               else _OK if marks.count(b"[") <= self.max_depth
-                               or not _deeper_than(data, self.max_depth) else _DEEP)
+                               else _DEEP if _deeper_than(data, self.max_depth) else _OK)
                 if verdict is _OK:
                     return value
                 if verdict is _DEEP:
@@ -191,7 +190,7 @@ _TWO_63 = 2.0 ** 63
 def _check_decoded(value: Any, budget: int, limit: int) -> str | None:
     """Walk what orjson decoded, level by level in C: too deep, a float that may
     have been an integer beyond 64 bits (orjson reads those as floats), or fine;
-    None when the walk would visit more than *budget* values."""
+    None as soon as the walk would visit more than *budget* values."""
     level = [value]
     depth = 0
     while True:
@@ -203,10 +202,11 @@ def _check_decoded(value: Any, budget: int, limit: int) -> str | None:
         depth += 1
         if depth > limit:
             return _DEEP
-        level = _children(level)
-        budget -= len(level)
+        containers = list(compress(level, map(_CONTAINERS.__contains__, map(type, level))))
+        budget -= sum(map(len, containers))
         if budget < 0:
             return None
+        level = _children(containers)
 
 
 #: bodies up to this size are checked on their bytes, larger ones on the decoded value
@@ -232,17 +232,22 @@ def _deeper_than(data: bytes, limit: int) -> bool:
     shape = data.translate(_STRUCTURE, _NOT_STRUCTURE)
     if shape.count(b"[") <= limit:
         return False
-    # two quotes in a row have no bracket between them: dropping them removes a string
-    # without brackets or joins two strings, and leaves every bracket inside or outside
-    shape = shape.replace(b'""', b"")
-    if b'"' in shape:
-        shape = b"".join(shape.split(b'"')[::2])
+    quotes = shape.count(b'"')
+    if quotes == 2 * shape.count(b'""'):
+        # every run of quotes between two brackets has an even length: every bracket
+        # has an even number of quotes before it, so none is inside a string
+        shape = shape.translate(None, b'"')
+    else:
+        # two quotes in a row have no bracket between them: dropping them removes a
+        # string without brackets or joins two strings, and leaves every bracket
+        # inside or outside; then every other piece between quotes is a string's
+        shape = b"".join(shape.replace(b'""', b"").split(b'"')[::2])
     if b"[" * (limit + 1) in shape:
         return True
-    for _ in range(limit):  # each pass removes the innermost pairs: one level
-        shape = shape.replace(b"[]", b"")
+    for _ in range(limit + 1):  # each pass removes the innermost pairs: one level
         if not shape:
             return False
+        shape = shape.replace(b"[]", b"")
     return True
 
 
