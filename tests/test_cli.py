@@ -363,3 +363,10 @@ def test_serve_refused_declaration_exits_with_reason(app_dir: Path, children: Ch
         channel.queue_delete(f"server_{server_id}_queue")
         channel.exchange_delete(f"server_{server_id}_ex")
         connection.close()
+
+
+def test_several_amqp_urls_try_the_next_node(server: tuple[str, int]) -> None:
+    """``--amqp-url`` given twice (a dead node first) reaches the server through the second."""
+    done = callme("--amqp-url", "amqp://guest:guest@127.0.0.1:1/%2F", "--amqp-url", BROKER_URL,
+                  "call", server[0], "add", "1", "2")
+    assert (done.returncode, done.stdout) == (0, "3\n"), done.stderr

@@ -244,7 +244,9 @@ def check_ini(block: Block, monkeypatch: pytest.MonkeyPatch) -> None:
     assert unit.sections() == ["Unit", "Service", "Install"]
     service = unit["Service"]
     assert set(service) == {"User", "WorkingDirectory", "Environment", "ExecStart",
-                            "Restart", "KillSignal", "TimeoutStopSec"}
+                            "Restart", "RestartSec", "KillSignal", "KillMode",
+                            "TimeoutStopSec"}
+    assert service["KillMode"] == "mixed"  # twistd stops its --processes workers itself
     assert service["KillSignal"] == "SIGTERM"
     assert service["Restart"] == "on-failure"
     assert int(service["TimeoutStopSec"]) > 0
@@ -275,6 +277,9 @@ def check_ini(block: Block, monkeypatch: pytest.MonkeyPatch) -> None:
     for parsed in (options.subOptions, callme):
         assert parsed["server-id"] == "fooserver"
         assert parsed["threads"] == 16
+        assert parsed["processes"] == 4
+        # systemd waits longer than a worker's drain plus the kill margin
+        assert int(service["TimeoutStopSec"]) > parsed["stop-timeout"] + tap.KILL_MARGIN
         assert set(parsed["functions"]) == {"add"}
         params = parsed["params"]
         assert (params.user, params.password, params.vhost) == ("carl", "secret", "/")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import textwrap
 import uuid
@@ -19,7 +20,15 @@ from twisted.python.usage import UsageError
 from txcallme._wire import RESERVED_PREFIX
 from txcallme.errors import BrokerUnreachable, DeclarationRefused
 from txcallme.service import CallmeServerService
-from txcallme.tap import EXIT_START_FAILED, Options, ServerRunner, make_server, makeService
+from txcallme.tap import (
+    EXIT_START_FAILED,
+    KILL_MARGIN,
+    Options,
+    ServerRunner,
+    WorkerMonitor,
+    make_server,
+    makeService,
+)
 
 ModuleWriter = Callable[[str], str]
 
@@ -321,3 +330,52 @@ def test_make_service_wraps_the_server(module: ModuleWriter) -> None:
     assert isinstance(service, ServerRunner)
     assert isinstance(service.server, CallmeServerService)
     assert service.server.server_id == "calc" and list(service) == [service.server]
+
+
+def test_several_amqp_urls_and_shuffle(module: ModuleWriter) -> None:
+    """--amqp-url given once per cluster node gives every node, in order; --shuffle-hosts
+    turns on the random order."""
+    name = module(ADD)
+    options = parse("--server-id", "foo", "--module", name, "-u", "amqp://u:p@n1:5672/v",
+                    "--amqp-url", "amqp://u:p@n2:5673/v", "--amqp-url=amqp://u:p@n3/v")
+    assert options["params"].hosts == (("n1", 5672), ("n2", 5673), ("n3", 5672))
+    assert options["params"].shuffle_hosts is False
+    shuffled = parse("--server-id", "foo", "--module", name, "--shuffle-hosts",
+                     "-u", "amqp://u:p@n1/v", "-u", "amqp://u:p@n2/v")
+    assert shuffled["params"].shuffle_hosts is True
+
+
+def test_amqp_urls_must_agree(module: ModuleWriter) -> None:
+    """Node URLs that differ in more than the host are a UsageError."""
+    with pytest.raises(UsageError, match="differs"):
+        parse("--server-id", "foo", "--module", module(ADD), "-u", "amqp://u:p@n1/v",
+              "-u", "amqp://other:p@n2/v")
+
+
+def test_queue_type_and_stop_timeout(module: ModuleWriter) -> None:
+    """--queue-type quorum and --stop-timeout reach the service; other queue types are
+    a UsageError."""
+    name = module(ADD)
+    server = make_server(parse("--server-id", "foo", "--module", name, "--queue-type",
+                               "quorum", "--stop-timeout", "7.5"))
+    assert (server.queue_type, server.stop_timeout) == ("quorum", 7.5)
+    assert make_server(parse("--server-id", "foo", "--module", name)).queue_type == "classic"
+    with pytest.raises(UsageError, match="classic, quorum"):
+        parse("--server-id", "foo", "--module", name, "--queue-type", "stream")
+
+
+def test_processes_gives_a_worker_monitor(module: ModuleWriter, tmp_path: Path) -> None:
+    """--processes 3 gives a WorkerMonitor of 3 workers, each running this command's
+    options as one process, killed stop_timeout + KILL_MARGIN after SIGTERM."""
+    name = module(ADD)
+    argv = ["--server-id", "foo", "--module", name, "--processes", "3", "--stop-timeout", "2"]
+    service = makeService(parse(*argv))
+    assert isinstance(service, WorkerMonitor)
+    assert service.killTime == 2 + KILL_MARGIN
+    assert sorted(service.commands) == ["worker-1", "worker-2", "worker-3"]
+    args, env = service.commands["worker-1"]
+    assert args == [sys.executable, "-m", "twisted", "--log-format", "text", "callme", *argv,
+                    "--processes=1"]
+    assert env["TXCALLME_SUPERVISOR_PID"] == str(os.getpid())
+    with pytest.raises(UsageError):
+        parse("--server-id", "foo", "--module", name, "--processes", "0")

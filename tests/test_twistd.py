@@ -253,7 +253,7 @@ async def test_sigterm_waits_for_running_call(processes: Processes, services: An
     assert "waiting for 1 running calls to finish" in log.read_text()
 
 
-async def _conflicting_queue(server_id: str, create: bool) -> None:
+async def conflicting_queue(server_id: str, create: bool) -> None:
     """Pre-declare (or delete) the server's queue, and delete its exchange, as an
     old deployment or another tool might have left them: durable, not auto-delete."""
     connection = await broker_connect()
@@ -274,7 +274,7 @@ async def test_refused_first_start_exits_non_zero(processes: Processes) -> None:
     """A server queue the broker refuses to redeclare (406) on the first start makes
     ``twistd -n callme`` exit 1 soon, with the broker's reason and what to do."""
     server_id = new_server_id()
-    await _conflicting_queue(server_id, create=True)
+    await conflicting_queue(server_id, create=True)
     try:
         process, log = processes.twistd("--pidfile=", "-n", "callme", "--server-id",
                                         server_id, "--module", "app")
@@ -284,7 +284,7 @@ async def test_refused_first_start_exits_non_zero(processes: Processes) -> None:
         assert "cannot start: " in text and "406" in text, text
         assert "Server Shut Down" in text  # twistd's own clean-up ran first
     finally:
-        await _conflicting_queue(server_id, create=False)
+        await conflicting_queue(server_id, create=False)
 
 
 @pytest_twisted.ensureDeferred

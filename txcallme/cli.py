@@ -90,8 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="callme", description="Call, inspect and serve txcallme (callme) RPC servers.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--amqp-url", metavar="URL",
-                        help="broker URL, amqp[s]://user:pass@host:port/vhost")
+    parser.add_argument("--amqp-url", metavar="URL", action="append",
+                        help="broker URL, amqp[s]://user:pass@host:port/vhost; repeat it "
+                             "for the nodes of a cluster (tried in turn)")
+    parser.add_argument("--shuffle-hosts", action="store_true",
+                        help="try the broker nodes in a random order")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log connection events to stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -186,19 +189,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return EXIT_USAGE if e.code else EXIT_OK
-    url = args.amqp_url or os.environ.get("CALLME_AMQP_URL") or None
+    env_url = os.environ.get("CALLME_AMQP_URL")
+    urls: list[str] = args.amqp_url or ([env_url] if env_url else [])
     if args.command == "serve":
-        return _serve(args.options, url)
-    proxy_kwargs = {"amqp_url": url} if url else {}
-    try:
-        connection_params(amqp_url=url)  # a bad URL is a usage error
+        return _serve(args.options, urls, args.shuffle_hosts)
+    shuffle = True if args.shuffle_hosts else None
+    try:  # a bad URL is a usage error
+        params = connection_params(amqp_url=urls or None, shuffle_hosts=shuffle)
     except ValueError as e:
         return _fail(EXIT_USAGE, f"bad broker URL: {e}")
     # Without -v, errors reach the user as one line each (below), not as logs.
     observers: list[Any] = [textFileLogObserver(sys.stderr)] if args.verbose else []
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
     command = {"call": _call, "ping": _ping, "describe": _describe}[args.command]
-    return _react(lambda reactor: _with_proxy(reactor, proxy_kwargs, command, args),
+    return _react(lambda reactor: _with_proxy(reactor, {"params": params}, command, args),
                   interruptible=True)
 
 
@@ -331,15 +335,17 @@ def _fail(code: int, message: str) -> int:
 # -- serve -----------------------------------------------------------------------
 
 
-def _serve(argv: Sequence[str], url: str | None) -> int:
-    options = ServeOptions()  # type: ignore[no-untyped-call]
+def _serve(argv: Sequence[str], urls: Sequence[str], shuffle_hosts: bool) -> int:
+    options = ServeOptions()
     argv = list(argv)
     if argv and not argv[0].startswith("-"):  # getopt stops at the first argument
         argv[:1] = ["--module", argv[0]]
-    if url and not any(a == "-u" or a.startswith("--amqp-url") for a in argv):
-        argv[:0] = ["--amqp-url", url]
+    if urls and not any(a == "-u" or a.startswith("--amqp-url") for a in argv):
+        argv[:0] = [f"--amqp-url={url}" for url in urls]
+    if shuffle_hosts:
+        argv[:0] = ["--shuffle-hosts"]
     try:
-        options.parseOptions(argv)  # type: ignore[no-untyped-call]
+        options.parseOptions(argv)
     except usage.UsageError as e:
         return _fail(EXIT_USAGE, f"serve: {e} (see callme serve --help)")
     except SystemExit as e:  # --help
@@ -361,7 +367,11 @@ async def _run_service(reactor: Any, service: Any) -> int:
     except CallmeError as e:
         reactor.removeSystemEventTrigger(trigger)
         await task.deferLater(reactor, 0, lambda: None)  # as in _with_proxy
-        await stop()
+        stopping = stop()
+        if stopping is not None:  # nothing to drain: do not wait long
+            stopping.addTimeout(tap.FAILED_START_STOP_TIMEOUT, reactor)
+            stopping.addErrback(lambda _: None)
+            await stopping
         return _report(e)
     log.info("serving {server_id!r} on {broker}; SIGINT or SIGTERM stops",
              server_id=service.server_id, broker=service.params.describe())

@@ -14,13 +14,16 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
+from twisted.runner.procmon import ProcessMonitor
 
 from txcallme.amqp import TLSSettings, connection_params
-from txcallme.service import CallmeServerService
+from txcallme.service import QUEUE_TYPES, CallmeServerService
 
 log = Logger(namespace="callme.server")
 
@@ -30,6 +33,26 @@ def _port(value: str) -> int:
     if not 0 < port < 65536:
         raise ValueError(f"not a TCP port: {value}")
     return port
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"must be a positive number of seconds: {value}")
+    return number
+
+
+def _at_least_one(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be 1 or more: {value}")
+    return number
+
+
+def _queue_type(value: str) -> str:
+    if value not in QUEUE_TYPES:
+        raise ValueError(f"must be one of {', '.join(QUEUE_TYPES)}: {value}")
+    return value
 
 
 def _count(value: str) -> int:
@@ -49,7 +72,8 @@ class Options(usage.Options):
     optParameters: list[list[Any]] = [
         ["server-id", "s", None, "Server id to serve (required)."],
         ["module", "m", None, "Importable module whose functions to serve (required)."],
-        ["amqp-url", "u", None, "Broker URL, amqp[s]://user:pass@host:port/vhost."],
+        ["amqp-url", "u", None, "Broker URL, amqp[s]://user:pass@host:port/vhost; give it "
+         "once per cluster node to try them in turn."],
         ["amqp-host", None, "localhost", "Broker host (several: comma-separated)."],
         ["amqp-port", None, None, "Broker port [default: 5672, 5671 with --ssl].", _port],
         ["amqp-user", None, "guest", "Broker user."],
@@ -61,19 +85,41 @@ class Options(usage.Options):
         ["ssl-ca", None, None, "CA certificate file (PEM) to verify the broker."],
         ["ssl-cert", None, None, "Client certificate file (PEM)."],
         ["ssl-key", None, None, "Client private key file (PEM)."],
+        ["queue-type", None, "classic", "Server queue: classic (one node) or quorum "
+         "(replicated over a cluster).", _queue_type],
+        ["stop-timeout", None, 60.0, "Seconds a stop waits for running calls.", _seconds],
+        ["processes", "p", 1, "Worker processes serving the server id, supervised and "
+         "restarted if they die.", _at_least_one],
     ]
     optFlags = [
         ["ssl", None, "Connect with TLS."],
         ["no-verify-hostname", None, "Do not check the broker certificate's host name."],
+        ["shuffle-hosts", None, "Try the broker nodes in a random order (spreads "
+         "instances over a cluster)."],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["amqp-urls"] = []
+        self.argv: list[str] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
+        """Parse *options* (default ``sys.argv[1:]``), keeping them for workers."""
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(self.argv)  # type: ignore[no-untyped-call]
+
+    def opt_amqp_url(self, url: str) -> None:
+        """Broker URL; several for the nodes of a cluster."""
+        self["amqp-urls"].append(url)
+        self["amqp-url"] = url
 
     def postOptions(self) -> None:  # noqa: N802
         if not self["server-id"]:
             raise usage.UsageError("--server-id is required")
         if not self["module"]:
             raise usage.UsageError("--module is required")
-        if not self["amqp-url"] and os.environ.get("CALLME_AMQP_URL"):
-            self["amqp-url"] = os.environ["CALLME_AMQP_URL"]
+        if not self["amqp-urls"] and os.environ.get("CALLME_AMQP_URL"):
+            self["amqp-urls"] = [os.environ["CALLME_AMQP_URL"]]
         try:
             self["params"] = _params(self)
         except ValueError as e:
@@ -126,13 +172,16 @@ def _params(options: Options) -> Any:
                           verify_hostname=not options["no-verify-hostname"])
     return connection_params(
         options["amqp-host"].split(","), options["amqp-port"], options["amqp-user"],
-        options["amqp-password"], options["amqp-vhost"], amqp_url=options["amqp-url"],
-        ssl=tls or False)
+        options["amqp-password"], options["amqp-vhost"], amqp_url=options["amqp-urls"] or None,
+        ssl=tls or False, shuffle_hosts=True if options["shuffle-hosts"] else None)
 
 
 #: twistd's exit status when the server's first start fails (refused declaration,
 #: login, unreachable broker): systemd and scripts see a failure, not a clean stop.
 EXIT_START_FAILED = 1
+
+#: Seconds twistd waits for the server to stop after a failed first start.
+FAILED_START_STOP_TIMEOUT = 5.0
 
 
 def _exit_at_interpreter_end(status: int) -> None:
@@ -177,6 +226,20 @@ class ServerRunner(MultiService):
         super().startService()  # type: ignore[no-untyped-call]
         self.server.when_ready().addErrback(self._first_start_failed)
 
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        """Stop the services; after a failed first start (nothing to drain), give
+        up waiting after :data:`FAILED_START_STOP_TIMEOUT` seconds."""
+        d: Deferred[None] = super().stopService()  # type: ignore[no-untyped-call]
+        if self.start_error is None:
+            return d
+
+        def gave_up(failure: Failure) -> None:
+            log.warn("the server did not stop within {s} s of its failed start: exiting "
+                     "anyway ({error})", s=FAILED_START_STOP_TIMEOUT, error=failure.value)
+
+        d.addTimeout(FAILED_START_STOP_TIMEOUT, self._reactor)
+        return d.addErrback(gave_up)
+
     def _first_start_failed(self, failure: Failure) -> None:
         if not self.running or self.start_error is not None:
             return  # being stopped anyway (SIGTERM before the server was ready)
@@ -189,9 +252,124 @@ class ServerRunner(MultiService):
         self._reactor.callWhenRunning(self._reactor.stop)
 
 
-def makeService(options: Options) -> ServerRunner:  # noqa: N802
-    """The service ``twistd callme`` runs for parsed *options*."""
-    return ServerRunner(make_server(options))
+def makeService(options: Options) -> Service:  # noqa: N802
+    """The service ``twistd callme`` runs for parsed *options*: the server, or
+    with ``--processes N`` (N > 1) a :class:`WorkerMonitor` of N workers."""
+    if options["processes"] > 1:
+        return worker_monitor(options)
+    runner = ServerRunner(make_server(options))
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if supervisor:
+        _watch_supervisor(runner, int(supervisor))
+    return runner
+
+
+# -- --processes: supervised workers -----------------------------------------------
+
+#: Set in a worker's environment to its supervisor's pid: a worker whose
+#: supervisor is gone (killed with SIGKILL) stops instead of living on.
+SUPERVISOR_ENV = "TXCALLME_SUPERVISOR_PID"
+
+#: Seconds between a worker's checks that its supervisor still runs.
+SUPERVISOR_CHECK_INTERVAL = 1.0
+
+#: Seconds a worker gets beyond ``--stop-timeout`` before SIGKILL.
+KILL_MARGIN = 5.0
+
+
+def _watch_supervisor(runner: ServerRunner, supervisor: int) -> None:
+    def check() -> None:
+        if os.getppid() != supervisor:
+            log.error("the supervisor (pid {pid}) is gone: stopping", pid=supervisor)
+            runner._reactor.stop()
+
+    TimerService(SUPERVISOR_CHECK_INTERVAL, check).setServiceParent(runner)
+
+
+def worker_command(options: Options, number: int) -> list[str]:
+    """The command line of worker *number* (1-based): this ``twistd callme``'s own
+    options, run by ``python -m twisted`` (``twist``) as one process."""
+    args = [sys.executable, "-m", "twisted", "--log-format", "text", "callme", *options.argv,
+            "--processes=1"]
+    return args
+
+
+class WorkerMonitor(ProcessMonitor):
+    """Runs the workers of ``--processes N`` and restarts one that dies.
+
+    Stopping (SIGTERM to twistd) sends SIGTERM to every worker, which drains
+    like a single server (up to ``--stop-timeout``); a worker still running
+    ``KILL_MARGIN`` seconds later is killed. :meth:`stopService` fires when
+    every worker has exited. A worker whose *first* start fails (it exits with
+    :data:`EXIT_START_FAILED`: a refused declaration or login, an unreachable
+    broker) stops them all, and twistd exits with that status: every worker
+    has the same options, so the others would fail the same way.
+    """
+
+    def __init__(self, *, reactor: Any = None,
+                 exit: Callable[[int], None] = _exit_at_interpreter_end) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        super().__init__(reactor)
+        self._exit = exit
+        self._launches: dict[str, int] = {}
+        self._all_exited: list[Deferred[None]] = []
+        self.start_failed: str | None = None
+        #: each worker's command line and environment, by name
+        self.commands: dict[str, tuple[list[str], dict[str, str]]] = {}
+
+    def add_worker(self, name: str, args: list[str], env: dict[str, str], cwd: str) -> None:
+        """Run (and supervise) *args* as worker *name*."""
+        self.commands[name] = (args, env)
+        self.addProcess(name, args, env=env, cwd=cwd)
+
+    def startProcess(self, name: str) -> None:  # noqa: N802
+        if name not in self.protocols:
+            self._launches[name] = self._launches.get(name, 0) + 1
+        super().startProcess(name)
+
+    def _monitoredProcessExited(self, name: str, reason: Failure | None = None) -> None:
+        status = getattr(reason.value, "exitCode", None) if reason is not None else None
+        first = self._launches.get(name) == 1
+        if self.running and first and status == EXIT_START_FAILED \
+                and self.start_failed is None:
+            self.start_failed = name
+            log.critical("worker {name} could not start (exit status {status}, see its "
+                         "log above): stopping every worker", name=name, status=status)
+            self._reactor.addSystemEventTrigger("after", "shutdown", self._exit,
+                                                EXIT_START_FAILED)
+            self._reactor.callWhenRunning(self._reactor.stop)
+        elif self.running:
+            log.warn("worker {name} exited ({reason}): restarting it", name=name,
+                     reason=reason.getErrorMessage() if reason is not None else "?")
+        super()._monitoredProcessExited(name, reason)
+        if not self.protocols and self._all_exited:
+            waiting, self._all_exited = self._all_exited, []
+            for d in waiting:
+                d.callback(None)
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]  # noqa: N802
+        """SIGTERM every worker; fires once all have exited (killed after killTime)."""
+        super().stopService()
+        d: Deferred[None] = Deferred()
+        if self.protocols:
+            log.info("stopping {n} workers", n=len(self.protocols))
+            self._all_exited.append(d)
+        else:
+            d.callback(None)
+        return d
+
+
+def worker_monitor(options: Options, *, reactor: Any = None) -> WorkerMonitor:
+    """A :class:`WorkerMonitor` running ``--processes`` workers for *options*."""
+    monitor = WorkerMonitor(reactor=reactor)
+    monitor.setName(f"callme-{options['server-id']}-workers")  # type: ignore[no-untyped-call]
+    monitor.killTime = options["stop-timeout"] + KILL_MARGIN
+    env = dict(os.environ, **{SUPERVISOR_ENV: str(os.getpid())})
+    for number in range(1, options["processes"] + 1):
+        monitor.add_worker(f"worker-{number}", worker_command(options, number), env,
+                           os.getcwd())
+    return monitor
 
 
 def make_server(options: Options) -> CallmeServerService:
@@ -207,7 +385,8 @@ def make_server(options: Options) -> CallmeServerService:
             twice=f"{2 * heartbeat:g}", server_id=options["server-id"])
     service = CallmeServerService(
         options["server-id"], params=options["params"], threading=threads > 0,
-        threads=max(threads, 1), prefetch=options["prefetch"])
+        threads=max(threads, 1), prefetch=options["prefetch"],
+        queue_type=options["queue-type"], stop_timeout=options["stop-timeout"])
     for name, func in options["functions"].items():
         service.register_function(func, name)
     return service
