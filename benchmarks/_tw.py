@@ -8,9 +8,9 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import deferLater, react
+from twisted.internet.task import LoopingCall, deferLater, react
 
-from benchmarks.common import Recorder, ServerStats, drive, emit
+from benchmarks.common import Recorder, RSSSampler, ServerStats, drive, emit
 
 
 def sleep(seconds: float) -> Deferred[None]:
@@ -38,9 +38,12 @@ def run_client(main: Callable[[], Awaitable[dict[str, Any]]]) -> None:
 
 def run_server(start: Callable[[ServerStats], Awaitable[Callable[[], Awaitable[Any]] | None]],
                ) -> None:
-    """Start a server, print READY, and on SIGTERM stop it and print its stats."""
+    """Start a server, print READY, and on SIGTERM stop it and print its stats
+    (with its RSS, sampled every second from READY on)."""
     stats = ServerStats()
     stopper: list[Callable[[], Awaitable[Any]]] = []
+    rss = RSSSampler()
+    sampling = LoopingCall(rss.sample)
 
     async def begin() -> None:
         try:
@@ -53,9 +56,13 @@ def run_server(start: Callable[[ServerStats], Awaitable[Callable[[], Awaitable[A
         if stop is not None:
             stopper.append(stop)
         stats.start()
+        sampling.start(1.0)
 
     async def end() -> None:
-        stats.report()
+        if sampling.running:
+            sampling.stop()
+        rss.sample()
+        stats.report(rss_samples=rss.samples)
         for stop in stopper:
             try:
                 await Deferred.fromCoroutine(_timeout(stop(), 10))

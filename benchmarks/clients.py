@@ -3,9 +3,13 @@
 Runs one workload against a server started by ``benchmarks.servers`` and
 prints one JSON line of results (calls/s, p50/p99 latency, CPU per call).
 
-Kinds: txcallme (add(1, 1)), txcallme-echo (``--payload`` bytes echoed),
-txcallme-threads (the blocking 10 ms handler), memory (RSS per pending call),
-floor-pika, floor-txamqp (raw echo), aiopika, pika-blocking, pika-twisted.
+Kinds: txcallme (add(1, 1)), txcallme-echo (``--value``: a string of
+``--payload`` bytes, the records document, or a string of the records'
+size, echoed), txcallme-blob (a small request, a reply of ``--reply-bytes``),
+txcallme-threads (the blocking 10 ms handler), soak (add(1, 1) for a long
+run, with the client's RSS every second), twistd (the CPU-bound ``burn``),
+memory (RSS per pending call), floor-pika, floor-txamqp (raw echo),
+aiopika, pika-blocking, pika-twisted.
 """
 
 from __future__ import annotations
@@ -32,28 +36,65 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--max-calls", type=int, default=100_000)
     p.add_argument("--pending", type=int, default=PENDING, help="memory: calls left pending")
+    p.add_argument("--value", choices=["string", "records", "records-size-string"],
+                   default="string", help="txcallme-echo: what is echoed")
+    p.add_argument("--reply-bytes", type=int, default=1_000_000, help="txcallme-blob")
+    p.add_argument("--observe", action="store_true",
+                   help="txcallme: tracing and metrics on (observe.enable_everything)")
     return p.parse_args(argv)
 
 
+def echo_value(args: argparse.Namespace) -> Any:
+    if args.value == "records":
+        return common.records()
+    if args.value == "records-size-string":
+        return "x" * (common.records_size() - 2)  # the same bytes on the wire, quotes included
+    return "x" * args.payload
+
+
 async def txcallme_client(args: argparse.Namespace, rec: common.Recorder) -> dict[str, Any]:
+    from twisted.internet.task import LoopingCall
+
     from benchmarks import _tw
     from txcallme import Proxy
 
+    if args.observe:
+        from txcallme import observe
+
+        observe.enable_everything()
     proxy = Proxy(common.HOST, common.PORT, common.USER, common.PASSWORD, timeout=60)
     await proxy.when_ready()
     sid = args.server_id
+    rss = common.RSSSampler()
+    sampling = LoopingCall(rss.sample)
     if args.kind == "txcallme-echo":
-        value = "x" * args.payload
+        value = echo_value(args)
 
         def call() -> Any:
             return proxy.call(sid, "echo", value)
+    elif args.kind == "txcallme-blob":
+        size = args.reply_bytes
+
+        def call() -> Any:
+            return proxy.call(sid, "blob", size)
+    elif args.kind == "twistd":
+        def call() -> Any:
+            return proxy.call(sid, "burn")
     elif args.kind == "txcallme-threads":
         def call() -> Any:
             return proxy.call(sid, "sleepy")
     else:
         def call() -> Any:
             return proxy.call(sid, "add", 1, 1)
+    if args.kind == "soak":
+        sampling.start(1.0)
     result = await _tw.drive_twisted(call, args.concurrency, rec)
+    if sampling.running:
+        sampling.stop()
+        rss.sample()
+        result.update(rss_samples=rss.samples,
+                      client_rss_start=common.rss_at(rss.samples, rec.wall0),
+                      client_rss_end=rss.samples[-1][1])
     await proxy.close()
     return result
 
@@ -99,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if kind == "memory":
         _tw.run_client(lambda: memory_client(args))
-    elif kind.startswith("txcallme"):
+    elif kind.startswith("txcallme") or kind in ("soak", "twistd"):
         _tw.run_client(lambda: txcallme_client(args, rec))
     elif kind in ("floor-pika", "floor-txamqp", "pika-twisted"):
         if kind == "pika-twisted":

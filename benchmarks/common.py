@@ -14,6 +14,7 @@ import os
 import resource
 import sys
 import time
+from array import array
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ HOST = os.environ.get("BENCH_AMQP_HOST", "127.0.0.1")
 PORT = int(os.environ.get("BENCH_AMQP_PORT", "5672"))
 USER = os.environ.get("BENCH_AMQP_USER", "guest")
 PASSWORD = os.environ.get("BENCH_AMQP_PASSWORD", "guest")
-SPEC_PATH = Path(__file__).resolve().parent.parent / "txcallme" / "amqp0-9-1.xml"
+SPEC_PATH = Path(__file__).resolve().parent.parent / "txcallme" / "amqp" / "amqp0-9-1.xml"
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -49,6 +50,39 @@ def rss_bytes() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def records(count: int = 1000) -> list[dict[str, Any]]:
+    """The records workload's document: *count* small dicts, about 100 bytes each
+    as JSON (an id, a name, an email, a score, a flag and two tags)."""
+    return [{"id": i, "name": f"user-{i:05d}", "email": f"user{i}@example.com",
+             "score": round((i * 7919 % 10007) / 100.07, 2), "active": i % 3 == 0,
+             "tags": ["a", "b"]}
+            for i in range(count)]
+
+
+def records_size(count: int = 1000) -> int:
+    """Bytes of the records document as JSON (what the string echo of the same
+    size sends)."""
+    return len(json.dumps(records(count), separators=(",", ":")))
+
+
+class RSSSampler:
+    """RSS of this process every *interval* seconds, with wall-clock times (so
+    the orchestrator can line up a server's samples with a client's phases)."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int]] = []
+
+    def sample(self) -> None:
+        self.samples.append((time.time(), rss_bytes()))
+
+
+def rss_at(samples: list[Any], when: float) -> int | None:
+    """The sample nearest to wall-clock time *when*."""
+    if not samples:
+        return None
+    return int(min(samples, key=lambda s: abs(s[0] - when))[1])
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -67,11 +101,16 @@ class ServerStats:
         self._cpu0 = cpu_seconds()
         ready()
 
-    def report(self) -> None:
+    def report(self, **extra: Any) -> None:
         cpu = cpu_seconds() - self._cpu0
         per_call = cpu / self.calls * 1e6 if self.calls else None
         emit({"side": "server", "calls": self.calls, "cpu_s": cpu,
-              "server_cpu_us_per_call": per_call})
+              "server_cpu_us_per_call": per_call, **extra})
+
+
+#: latencies kept per run (the most recent ones); preallocated, so a long run's
+#: RSS does not grow with its call count
+KEEP_LATENCIES = 200_000
 
 
 class Recorder:
@@ -81,35 +120,49 @@ class Recorder:
         self.duration = duration
         self.max_calls = max_calls
         self.warmup = warmup
-        self.latencies: list[float] = []
+        self.calls = 0
+        self._kept = array("d", bytes(8 * KEEP_LATENCIES))
         self.errors = 0
         self.t0 = 0.0
         self.t_end = 0.0
         self.cpu0 = 0.0
         self.measuring = False
+        self.wall0 = 0.0
+        self.wall1 = 0.0
+
+    @property
+    def latencies(self) -> list[float]:
+        return list(self._kept[:min(self.calls, KEEP_LATENCIES)])
+
+    def add(self, latency: float) -> None:
+        self._kept[self.calls % KEEP_LATENCIES] = latency
+        self.calls += 1
 
     def begin(self) -> None:
         self.measuring = True
-        self.latencies = []
+        self.calls = 0
         self.t0 = time.perf_counter()
+        self.wall0 = time.time()
         self.cpu0 = cpu_seconds()
 
     def done(self) -> bool:
-        return self.measuring and (len(self.latencies) >= self.max_calls
+        return self.measuring and (self.calls >= self.max_calls
                                    or time.perf_counter() - self.t0 >= self.duration)
 
     def finish(self) -> None:
         self.t_end = time.perf_counter()
+        self.wall1 = time.time()
         self.cpu = cpu_seconds() - self.cpu0
 
     def result(self, **extra: Any) -> dict[str, Any]:
-        n = len(self.latencies)
+        n = self.calls
         elapsed = self.t_end - self.t0
         lat = sorted(self.latencies)
         out = {"side": "client", "calls": n, "seconds": elapsed, "errors": self.errors,
                "calls_per_s": n / elapsed if elapsed else None,
                "p50_ms": percentile(lat, 0.50) * 1e3, "p99_ms": percentile(lat, 0.99) * 1e3,
-               "client_cpu_us_per_call": self.cpu / n * 1e6 if n else None}
+               "client_cpu_us_per_call": self.cpu / n * 1e6 if n else None,
+               "measured_from": self.wall0, "measured_until": self.wall1}
         out.update(extra)
         return out
 
@@ -137,7 +190,7 @@ async def drive(call: Callable[[], Awaitable[Any]], concurrency: int, rec: Recor
                     return
                 continue
             if rec.measuring and not rec.t_end:
-                rec.latencies.append(time.perf_counter() - t)
+                rec.add(time.perf_counter() - t)
         if not rec.t_end:
             rec.finish()
 
@@ -157,6 +210,6 @@ def drive_sync(call: Callable[[], Any], rec: Recorder) -> dict[str, Any]:
     while not rec.done():
         t = time.perf_counter()
         call()
-        rec.latencies.append(time.perf_counter() - t)
+        rec.add(time.perf_counter() - t)
     rec.finish()
     return rec.result(concurrency=1)

@@ -1,7 +1,8 @@
 """The floor: a raw request/reply echo through the broker, with no RPC layer.
 
 The server consumes (no ack) from its queue and publishes each body back to
-``reply_to`` on the default exchange with the same correlation id; the client
+``reply_to`` on the default exchange with the same correlation id (or, for
+the large-result floor, a reply of ``--reply-bytes`` bytes); the client
 matches replies by correlation id. No confirms, no ``mandatory``, no
 serialization. Two Twisted stacks: pika's Twisted adapter and stock txamqp
 (``AMQClient`` + ``TwistedDelegate``, with txcallme's spec file).
@@ -34,8 +35,10 @@ async def pika_channel() -> tuple[Any, Any]:
     return conn, await conn.channel()
 
 
-async def pika_server(stats: common.ServerStats, server_id: str) -> Any:
+async def pika_server(stats: common.ServerStats, server_id: str, reply_bytes: int = 0) -> Any:
     import pika
+
+    reply = b"x" * reply_bytes if reply_bytes else None
 
     conn, ch = await pika_channel()
     await ch.queue_declare(queue=server_id, exclusive=True, auto_delete=True)
@@ -45,7 +48,7 @@ async def pika_server(stats: common.ServerStats, server_id: str) -> Any:
         while True:
             msg = await queue.get()
             props = msg.properties
-            ch.basic_publish("", props.reply_to, msg.body,
+            ch.basic_publish("", props.reply_to, reply or msg.body,
                              pika.BasicProperties(correlation_id=props.correlation_id))
             stats.calls += 1
 
@@ -111,8 +114,11 @@ def _bytes(body: Any) -> bytes:
     return body.encode() if isinstance(body, str) else body
 
 
-async def txamqp_server(stats: common.ServerStats, server_id: str) -> Any:
+async def txamqp_server(stats: common.ServerStats, server_id: str,
+                        reply_bytes: int = 0) -> Any:
     from txamqp.content import Content
+
+    reply = b"x" * reply_bytes if reply_bytes else None
 
     conn, ch = await txamqp_channel()
     await ch.queue_declare(queue=server_id, exclusive=True, auto_delete=True)
@@ -124,7 +130,8 @@ async def txamqp_server(stats: common.ServerStats, server_id: str) -> Any:
             msg = await queue.get()
             props = msg.content.properties
             ch.basic_publish(exchange="", routing_key=props["reply-to"], content=Content(
-                _bytes(msg.content.body), properties={"correlation-id": props["correlation-id"]}))
+                reply or _bytes(msg.content.body),
+                properties={"correlation-id": props["correlation-id"]}))
             stats.calls += 1
 
     Deferred.fromCoroutine(serve()).addErrback(lambda _: None)

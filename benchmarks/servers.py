@@ -1,17 +1,19 @@
-"""Benchmark servers: ``python -m benchmarks.servers KIND SERVER_ID``.
+"""Benchmark servers: ``python -m benchmarks.servers KIND SERVER_ID [options]``.
 
 Prints READY once consuming; on SIGTERM prints one JSON line (CPU time and
-calls since READY) and exits.
+calls since READY, and RSS samples taken every second) and exits.
 
-Kinds: txcallme (add, echo on the reactor), txcallme-threads (a 10 ms
+Kinds: txcallme (add, echo, blob on the reactor), txcallme-threads (a 10 ms
 blocking sleep in a 32-thread pool), txcallme-hold (calls wait until
-shutdown: the memory workload), floor-pika, floor-txamqp (raw echo),
-aiopika (aio-pika RPC), pika-tutorial (blocking pika).
+shutdown: the memory workload), floor-pika, floor-txamqp (raw echo, or a
+reply of ``--reply-bytes``), aiopika (aio-pika RPC), pika-tutorial (blocking
+pika), twistd (``twistd -n callme`` serving benchmarks.handlers, with
+``--processes``).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import threading
 import time
 from typing import Any
@@ -21,16 +23,35 @@ from benchmarks import _tw, common, floor, peers
 THREADS = 32
 
 
-async def txcallme_server(stats: common.ServerStats, server_id: str, kind: str) -> Any:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.servers")
+    p.add_argument("kind")
+    p.add_argument("server_id")
+    p.add_argument("--reply-bytes", type=int, default=0,
+                   help="floor servers: reply with this many bytes instead of echoing")
+    p.add_argument("--observe", action="store_true",
+                   help="txcallme: tracing, OpenTelemetry metrics and Prometheus on "
+                        "(txcallme.observe.enable_everything)")
+    p.add_argument("--processes", type=int, default=1, help="twistd: --processes")
+    return p.parse_args(argv)
+
+
+async def txcallme_server(stats: common.ServerStats, args: argparse.Namespace) -> Any:
     from twisted.internet.defer import Deferred
 
     from txcallme import CallmeServerService
 
+    if args.observe:
+        from txcallme import observe
+
+        observe.enable_everything()
+    kind = args.kind
     threaded = kind == "txcallme-threads"
-    service = CallmeServerService(server_id, common.HOST, common.PORT, common.USER,
+    service = CallmeServerService(args.server_id, common.HOST, common.PORT, common.USER,
                                   common.PASSWORD, threading=threaded, threads=THREADS)
     held: list[Deferred[None]] = []
     lock = threading.Lock()
+    blobs: dict[int, str] = {}
 
     def add(a: int, b: int) -> int:
         stats.calls += 1
@@ -39,6 +60,13 @@ async def txcallme_server(stats: common.ServerStats, server_id: str, kind: str) 
     def echo(value: Any) -> Any:
         stats.calls += 1
         return value
+
+    def blob(size: int) -> str:
+        """A large result for a small request (built once per size)."""
+        stats.calls += 1
+        if size not in blobs:
+            blobs[size] = "x" * size
+        return blobs[size]
 
     def sleepy() -> None:
         time.sleep(0.010)
@@ -53,6 +81,7 @@ async def txcallme_server(stats: common.ServerStats, server_id: str, kind: str) 
 
     service.register_function(add, blocking=False)
     service.register_function(echo, blocking=False)
+    service.register_function(blob, blocking=False)
     service.register_function(hold, blocking=False)
     if threaded:
         service.register_function(sleepy, blocking=True)
@@ -66,21 +95,27 @@ async def txcallme_server(stats: common.ServerStats, server_id: str, kind: str) 
     return stop
 
 
-def main(argv: list[str]) -> None:
-    kind, server_id = argv
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    kind = args.kind
     if kind.startswith("txcallme"):
-        _tw.run_server(lambda stats: txcallme_server(stats, server_id, kind))
+        _tw.run_server(lambda stats: txcallme_server(stats, args))
     elif kind == "floor-pika":
-        _tw.run_server(lambda stats: floor.pika_server(stats, server_id))
+        _tw.run_server(lambda stats: floor.pika_server(stats, args.server_id, args.reply_bytes))
     elif kind == "floor-txamqp":
-        _tw.run_server(lambda stats: floor.txamqp_server(stats, server_id))
+        _tw.run_server(lambda stats: floor.txamqp_server(stats, args.server_id,
+                                                         args.reply_bytes))
+    elif kind == "twistd":
+        from benchmarks import processes
+
+        processes.twistd_server(args.server_id, args.processes)
     elif kind == "aiopika":
-        peers.aiopika_server(server_id)
+        peers.aiopika_server(args.server_id)
     elif kind == "pika-tutorial":
-        peers.pika_tutorial_server(server_id)
+        peers.pika_tutorial_server(args.server_id)
     else:
         raise SystemExit(f"unknown server kind {kind!r}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
