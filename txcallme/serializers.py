@@ -172,15 +172,13 @@ def _plain(value: Any, check_floats: bool) -> bool:
     encoded it), so the walk ends; it goes level by level, in C.
     """
     level = [value]
-    while True:
-        types = set(map(type, level))
-        if not _PLAIN.issuperset(types):
+    while level:
+        if not _PLAIN.issuperset(map(type, level)):
             return False
-        if check_floats and float in types and not all(map(isfinite, _floats(level))):
+        if check_floats and not all(map(isfinite, _floats(level))):
             return False
-        if _CONTAINERS.isdisjoint(types):
-            return True
-        level = _children(level)
+        level = _children(level)  # scalars have no children: the containers' items
+    return True
 
 
 _OK, _DEEP, _BIG_INT = "ok", "deep", "big int"
