@@ -6,6 +6,7 @@ a child process (killed at teardown if still alive).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -370,3 +371,26 @@ def test_several_amqp_urls_try_the_next_node(server: tuple[str, int]) -> None:
     done = callme("--amqp-url", "amqp://guest:guest@127.0.0.1:1/%2F", "--amqp-url", BROKER_URL,
                   "call", server[0], "add", "1", "2")
     assert (done.returncode, done.stdout) == (0, "3\n"), done.stderr
+
+
+def test_stats_table_and_json(server: tuple[str, int]) -> None:
+    """``callme stats`` shows each instance's calls per method (the 2 just made), as a
+    table and as JSON."""
+    def echo_calls() -> int:
+        done = callme("stats", server[0], "--json", "--count", "2")
+        assert done.returncode == 0, done.stderr
+        [instance] = json.loads(done.stdout)["instances"]
+        assert instance["server_id"] == server[0] and instance["uptime"] > 0
+        return int(instance["methods"].get("echo", {}).get("calls", 0))
+
+    before = echo_calls()
+    for _ in range(2):
+        assert callme("call", server[0], "echo", "1").returncode == 0
+    assert echo_calls() == before + 2
+    table = callme("stats", server[0])
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0] == f"1 instance(s) of {server[0]} answered"
+    assert "in flight, pool threads busy" in lines[1]
+    assert lines[2].split() == ["INSTANCE", "METHOD", "CALLS", "ERRORS", "P50", "MS", "P99", "MS"]
+    assert any(line.split()[1:3] == ["echo", str(before + 2)] for line in lines[3:]), lines

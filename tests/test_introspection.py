@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import pytest_twisted
 from conftest import new_server_id, track_proxy
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 
 import txcallme
+from txcallme._introspect import SAMPLES, Stats, percentile
+from txcallme._wire import Request
+from txcallme.serializers import JSON
+from txcallme.server import Dispatcher
 
 
 async def _serve(sid: str, **kw: object) -> txcallme.CallmeServerService:
@@ -89,3 +96,97 @@ async def test_all_addresses_dead_fails_fast() -> None:
             await proxy.when_ready()
     finally:
         await proxy.close()
+
+
+class FakeClock:
+    """A monotonic clock the test advances by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_percentile_nearest_rank() -> None:
+    """p50/p99 are nearest-rank percentiles; none of an empty list."""
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 0.5), percentile(values, 0.99)) == (50.0, 99.0)
+    assert percentile([3.0], 0.99) == 3.0 and percentile([], 0.5) is None
+
+
+def test_stats_measure_every_dispatched_call() -> None:
+    """Stats around a Dispatcher count calls, errors (raised, bad arguments, unknown
+    methods) and durations per method, and calls in flight; reserved calls are not counted."""
+    clock = FakeClock()
+    dispatcher = Dispatcher(JSON)
+    stats = Stats(clock=clock)
+    stats.wrap(dispatcher)
+    pending: list[Deferred[int]] = []
+
+    def slow() -> Deferred[int]:
+        d: Deferred[int] = Deferred()
+        pending.append(d)
+        return d
+
+    dispatcher.register(lambda a, b: a + b, "add")
+    dispatcher.register(lambda: 1 / 0, "fail")
+    dispatcher.register(slow, "slow")
+    dispatcher.register(lambda: "pong", "__callme__.ping", reserved=True)
+
+    def call(method: str, *args: Any) -> Deferred[bytes]:
+        return dispatcher.dispatch(Request(method, list(args), {}, None))
+
+    call("add", 1, 2)
+    call("add", 1)          # bad arguments: an error reply
+    call("fail")
+    call("nope")
+    call("__callme__.ping")
+    running = call("slow")
+    assert stats.in_flight == 1
+    clock.now += 0.25
+    pending[0].callback(7)
+    assert b'"result"' in running.result  # type: ignore[attr-defined]
+    snap = stats.snapshot()
+    assert snap["in_flight"] == 0 and snap["uptime"] == 0.25
+    assert snap["methods"] == {
+        "(unknown)": {"calls": 1, "errors": 1, "p50_ms": 0.0, "p99_ms": 0.0},
+        "add": {"calls": 2, "errors": 1, "p50_ms": 0.0, "p99_ms": 0.0},
+        "fail": {"calls": 1, "errors": 1, "p50_ms": 0.0, "p99_ms": 0.0},
+        "slow": {"calls": 1, "errors": 0, "p50_ms": 250.0, "p99_ms": 250.0}}
+    assert snap["total"]["calls"] == 5 and snap["total"]["errors"] == 3
+    assert snap["total"]["p99_ms"] == 250.0
+
+
+def test_stats_keep_a_bounded_sample() -> None:
+    """A method's durations are the last SAMPLES ones, however many calls it had."""
+    stats = Stats(clock=FakeClock())
+    for i in range(SAMPLES + 500):
+        stats.record("m", float(i), True)
+    snap = stats.snapshot()["methods"]["m"]
+    assert snap["calls"] == SAMPLES + 500
+    assert len(stats.methods["m"].durations) == SAMPLES
+    assert snap["p50_ms"] == (500 + SAMPLES // 2 - 1) * 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_through_the_broker() -> None:
+    """__callme__.stats answers the instance, uptime and the calls made so far."""
+    sid = new_server_id()
+    svc = await _serve(sid)
+    proxy = track_proxy(txcallme.Proxy(timeout=5, reactor=reactor))
+    try:
+        for _ in range(3):
+            assert await proxy.call(sid, "add", 1) == 3
+        with pytest.raises(TypeError):
+            await proxy.call(sid, "add")
+        ping = await proxy.call(sid, "__callme__.ping")
+        stats = await proxy.call(sid, "__callme__.stats")
+        assert stats["instance"] == ping["instance"] and stats["server_id"] == sid
+        assert stats["uptime"] > 0 and stats["in_flight"] == 0
+        assert stats["methods"]["add"]["calls"] == 4
+        assert stats["methods"]["add"]["errors"] == 1
+        assert list(stats["methods"]) == ["add"]
+    finally:
+        await proxy.close()
+        await svc.stopService()

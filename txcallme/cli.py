@@ -3,6 +3,7 @@
     callme call SERVER METHOD [ARGS...] [--kwargs JSON] [--timeout SECONDS]
     callme ping SERVER [--count N]
     callme describe SERVER
+    callme stats SERVER [--json] [--count N]
     callme serve MODULE --server-id ID [--threads N] [--prefetch N] [--ssl ...]
 
 ARGS are JSON literals (``1``, ``"a"``, ``[1, 2]``, ``null``); anything that is
@@ -127,6 +128,16 @@ def _parser() -> argparse.ArgumentParser:
     describe.add_argument("--timeout", metavar="SECONDS", type=_positive, default=10.0,
                           help="seconds to wait for the reply (default: 10)")
 
+    stats = commands.add_parser(
+        "stats", help="calls, errors, latency and load of every instance of SERVER",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stats.add_argument("server", metavar="SERVER", type=_server_id, help="server id")
+    stats.add_argument("--count", "-c", metavar="N", type=int, default=10,
+                       help="requests to send; each instance answers some (default: 10)")
+    stats.add_argument("--json", action="store_true", help="print JSON for scripts")
+    stats.add_argument("--timeout", metavar="SECONDS", type=_positive, default=10.0,
+                       help="seconds to wait for each reply (default: 10)")
+
     serve = commands.add_parser(
         "serve", add_help=False, prefix_chars="\0",
         help="serve MODULE's functions (options of twistd callme; serve --help)")
@@ -201,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Without -v, errors reach the user as one line each (below), not as logs.
     observers: list[Any] = [textFileLogObserver(sys.stderr)] if args.verbose else []
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
-    command = {"call": _call, "ping": _ping, "describe": _describe}[args.command]
+    command = {"call": _call, "ping": _ping, "describe": _describe,
+               "stats": _stats}[args.command]
     return _react(lambda reactor: _with_proxy(reactor, {"params": params}, command, args),
                   interruptible=True)
 
@@ -295,6 +307,48 @@ async def _describe(proxy: Proxy, args: argparse.Namespace) -> int:
         line = f"  {function['name']}{function.get('signature', '(...)')}"
         print(f"{line}  {doc}" if doc else line)
     return EXIT_OK
+
+
+async def _stats(proxy: Proxy, args: argparse.Namespace) -> int:
+    instances: dict[str, dict[str, Any]] = {}
+    for _ in range(max(args.count, 1)):  # the broker spreads them over the instances
+        reply = await proxy.invoke(args.server, _introspect.STATS)
+        instances[str(reply.get("instance", "?"))] = reply
+    if args.json:
+        print(json.dumps({"server_id": args.server,
+                          "instances": [instances[name] for name in sorted(instances)]},
+                         indent=2))
+        return EXIT_OK
+    print(f"{len(instances)} instance(s) of {args.server} answered")
+    rows = [("INSTANCE", "METHOD", "CALLS", "ERRORS", "P50 MS", "P99 MS")]
+    for name in sorted(instances):
+        stat = instances[name]
+        threads = stat.get("pool_threads")
+        pool = f"{stat.get('pool_busy', 0)}/{threads}" if threads else \
+            str(stat.get("pool_busy", 0))
+        print(f"{name}: up {_duration(stat.get('uptime', 0))}, "
+              f"{stat.get('in_flight', 0)} in flight, pool threads busy {pool}")
+        for method, numbers in [*stat.get("methods", {}).items(),
+                                ("(all)", stat.get("total", {}))]:
+            rows.append((name, method, str(numbers.get("calls", 0)),
+                         str(numbers.get("errors", 0)), _ms(numbers.get("p50_ms")),
+                         _ms(numbers.get("p99_ms"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                        for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip())
+    return EXIT_OK
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _report(error: BaseException) -> int:
