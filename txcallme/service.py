@@ -1,15 +1,20 @@
 """CallmeServerService: a Twisted service that serves one server id.
 
 Lifecycle: connect (and reconnect), declare the server's exchange and queue,
-consume with a prefetch tied to the concurrency limit, reply, ack only after
-the reply is confirmed, and on stop: stop consuming, finish in-flight calls,
-stop the thread pool, close.
+consume with a per-consumer prefetch tied to the concurrency limit, reply, ack
+only after the reply is confirmed; when the broker cancels the consumer or
+closes its channel, declare and consume again with backoff. On stop: stop
+consuming (and never consume again, whatever the connection does), send the
+requests not started back to the queue, let running calls finish within
+``stop_timeout``, close, and stop the thread pool without waiting for stuck
+threads.
 """
 
 from __future__ import annotations
 
-import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from threading import Thread
 from typing import Any, TypeVar
 
 import attrs
@@ -17,6 +22,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from txcallme import _introspect, _wire
@@ -29,15 +35,22 @@ from txcallme.amqp import (
     Delivery,
     Session,
     TLSSettings,
+    backoff,
     connection_params,
 )
 from txcallme.errors import (
+    AccessRefused,
+    BrokerConnectionLost,
     CallmeError,
     ChannelError,
     DeclarationRefused,
     DeliveryLimitReached,
     InvalidRequest,
+    NotFound,
     PayloadTooLarge,
+    PublishNacked,
+    ServiceError,
+    Unroutable,
 )
 from txcallme.serializers import JSON, Serializer
 from txcallme.server import CallContext, Dispatcher
@@ -55,7 +68,8 @@ DEFAULT_DELIVERY_LIMIT = 10
 QUEUE_TYPES = ("classic", "quorum")
 #: Reply codes of a refused declaration: fatal on a first start, retried after.
 REFUSAL_CODES = (403, 405, 406, 541)
-
+#: Seconds between two warnings about a caller's clock being behind this server's.
+SKEW_WARNING_INTERVAL = 60.0
 
 @attrs.frozen
 class ServerDeclarations:
@@ -117,17 +131,85 @@ class ServerDeclarations:
         await channel.bind_queue(self.queue, self.exchange, self.routing_key)
 
 
+class _DaemonThreadPool(ThreadPool):
+    """A ThreadPool whose workers do not keep the process alive: a function stuck
+    past ``stop_timeout`` must not stop ``twistd`` from exiting."""
+
+    @staticmethod
+    def threadFactory(*args: Any, **kwargs: Any) -> Thread:  # type: ignore[override]  # noqa: N802
+        return Thread(*args, daemon=True, **kwargs)
+
+
+class _Workers:
+    """The service's thread pool: a fresh pool of daemon threads per start (a
+    stopped ThreadPool cannot be started again), stopped without joining
+    threads that are still stuck in a function."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self.threads = threads
+        self.name = name
+        self.pool: ThreadPool | None = None
+
+    def start(self) -> None:
+        if self.pool is None:
+            self.pool = _DaemonThreadPool(0, self.threads, name=self.name)
+            self.pool.start()
+
+    def callInThreadWithCallback(self, onResult: Callable[[bool, Any], None],  # noqa: N802,N803
+                                 func: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        if self.pool is None:
+            raise ServiceError("the server's thread pool is stopped")
+        self.pool.callInThreadWithCallback(onResult, func, *args, **kw)
+
+    def stop(self, busy: int) -> None:
+        """Stop the pool; with *busy* threads still running, join them on a
+        thread of their own, never on the reactor's."""
+        pool, self.pool = self.pool, None
+        if pool is None:
+            return
+        if busy:
+            Thread(target=pool.stop, name=f"{self.name}-stop", daemon=True).start()
+        else:
+            pool.stop()
+
+
+@attrs.define(eq=False)
+class _Call:
+    """One request between its receipt and its end (reply confirmed, or requeued)."""
+
+    acker: Acker
+    tag: int
+    request: _wire.Request
+    reply_to: str
+    corr: Any
+    redelivered: bool
+    #: the deadline this server uses (its own clock), or None
+    deadline: float | None
+    #: ``receipt-relative deadline - absolute deadline``: clock skew plus queue time
+    skew: float | None
+    blocking: bool = False
+
+
+@attrs.define(eq=False)
+class _Consumer:
+    channel: Channel
+    acker: Acker
+    tag: str
+
+
 class CallmeServerService(Service):
     """Serve registered functions under *server_id* over AMQP.
 
     ``threading=True`` (callme's ``threaded=True``) runs plain functions in the
-    service's own pool of *threads* threads; ``async def`` functions and
-    functions returning Deferreds run on the reactor. ``introspection=False``
-    turns off the reserved ``__callme__.ping`` / ``__callme__.describe`` calls.
+    service's own pool of *threads* threads; ``async def`` functions,
+    ``inlineCallbacks``-decorated functions and functions registered with
+    ``blocking=False`` run on the reactor. ``introspection=False`` turns off
+    the reserved ``__callme__.ping`` / ``__callme__.describe`` calls.
 
     ``ack="after_reply"`` (default, at-least-once): a request is acked after its
     reply is confirmed, so a server that dies mid-call has it redelivered to
-    another instance. ``ack="on_receipt"`` (at-most-once) acks before running.
+    another instance; a reply the broker nacks sends the request back to the
+    queue. ``ack="on_receipt"`` (at-most-once) acks before running.
     ``stop_timeout``: how long :meth:`stopService` waits for running calls.
 
     Declarations (see :class:`ServerDeclarations`): every queue is durable, as
@@ -195,21 +277,30 @@ class CallmeServerService(Service):
         self.queue_type = queue_type
         self.stop_timeout = stop_timeout
         self.serializer = serializer
-        self._pool = ThreadPool(0, threads, name=self.name) if threading else None
-        self.dispatcher = Dispatcher(serializer, reactor=reactor, thread_pool=self._pool)
+        self._workers = _Workers(threads, self.name) if threading else None
+        self.dispatcher = Dispatcher(serializer, reactor=reactor, thread_pool=self._workers)
         if introspection:
             _introspect.install(self.dispatcher, server_id)
         self._session = Session(reactor, self.params, self._prepare, self._lost,
                                 name=f"server {server_id!r}", max_body_size=max_body_size,
                                 log=log)
+        self._connection: Connection | None = None
         self._replies: ConfirmedPublisher | None = None
-        self._consumer: tuple[Channel, str] | None = None
-        self._acker: Acker | None = None
+        self._consumer: _Consumer | None = None
+        self._ackers: list[Acker] = []
+        self._recovery: Any = None
         self._in_flight = 0
+        self._blocking_running = 0
+        self._waiting: deque[_Call] = deque()
         self._drained: list[Deferred[None]] = []
         self._stopping = False
+        self._stop_d: Deferred[None] | None = None
+        self._stop_waiters: list[Deferred[None]] = []
         self._fatal: DeclarationRefused | None = None
         self._served = False
+        self._skew_warned_at: float | None = None
+        #: requests sent back to the queue by the last stop without being started
+        self.requeued_on_stop = 0
 
     # -- registration ----------------------------------------------------------
 
@@ -231,13 +322,25 @@ class CallmeServerService(Service):
 
     # -- lifecycle -------------------------------------------------------------
 
+    @property
+    def consuming(self) -> bool:
+        """True while the server consumes requests."""
+        return self._consumer is not None
+
     def startService(self) -> None:  # noqa: N802
+        """Connect and serve; may follow a :meth:`stopService` (even one still running)."""
         super().startService()  # type: ignore[no-untyped-call]
+        if self._stop_d is not None:  # a stop is still running: start after it
+            self._stop_d.addBoth(lambda _: self._start() if self.running else None)
+        else:
+            self._start()
+
+    def _start(self) -> None:
         self._stopping = False
         self._fatal = None
         self._served = False  # refusals are fatal until the first successful start
-        if self._pool is not None:
-            self._pool.start()
+        if self._workers is not None:
+            self._workers.start()
         self._session.start()
 
     def when_ready(self) -> Deferred[Connection]:
@@ -250,22 +353,49 @@ class CallmeServerService(Service):
         return self._session.ready()
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
-        """Stop consuming, let running calls finish and reply, then close.
+        """Stop consuming, send requests not started back to the queue, let running
+        calls finish and reply (up to ``stop_timeout``), then close.
 
-        Fires when the connection is closed; requests not started are requeued.
+        Fires when the connection is closed; concurrent calls share that outcome.
         """
         super().stopService()  # type: ignore[no-untyped-call]
-        self._stopping = True
-        return Deferred.fromCoroutine(self._stop())
+        waiter: Deferred[None] = Deferred()
+        self._stop_waiters.append(waiter)  # before: the stop may finish at once
+        if self._stop_d is None:
+            self._stopping = True
+            stop = Deferred.fromCoroutine(self._stop())
+            if not stop.called:
+                self._stop_d = stop
+            stop.addBoth(self._stopped)
+        return waiter
+
+    def _stopped(self, result: Any) -> Any:
+        self._stop_d = None
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
+        if isinstance(result, Failure):
+            log.failure("stopping the server failed", result)
+        return None
 
     async def _stop(self) -> None:
-        if self._consumer is not None:
-            channel, tag = self._consumer
-            self._consumer = None
+        self._cancel_recovery()
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None and not consumer.channel.closed:
             try:
-                await channel.cancel(tag)
+                await consumer.channel.cancel(consumer.tag)
             except CallmeError:
                 pass
+        waiting, self._waiting = list(self._waiting), deque()
+        for call in waiting:
+            call.acker.reject(call.tag, requeue=True)
+        self.requeued_on_stop = len(waiting)
+        if waiting:
+            log.info("stopping: {n} requests not started go back to the queue",
+                     n=len(waiting))
         if self._in_flight:
             log.info("waiting for {n} running calls to finish", n=self._in_flight)
             d: Deferred[None] = Deferred()
@@ -276,32 +406,57 @@ class CallmeServerService(Service):
             except DeferTimeoutError:
                 log.error("{n} calls still running after {s} s: closing anyway; the broker "
                           "requeues their requests", n=self._in_flight, s=self.stop_timeout)
-        if self._pool is not None:
-            self._pool.stop()
-        if self._acker is not None:
-            self._acker.flush()
-        if self._replies is not None:
-            await self._replies.close()
+        for acker in self._ackers:
+            acker.flush()
+        self._ackers = []
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            await replies.close()
         await self._session.stop()
+        self._connection = None
+        if self._workers is not None:
+            self._workers.stop(self._blocking_running)
 
     async def _prepare(self, connection: Connection) -> None:
+        self._connection = connection
+        self._replies = ConfirmedPublisher(connection.open_channel, replay=True)
+        if self._stopping:
+            # Running calls may still reply over this connection; nothing new is taken.
+            log.warn("reconnected while stopping: not consuming again")
+            return
+        await self._consume(connection)
+        self._served = True
+        log.info("serving {server_id!r}: {names}", server_id=self.server_id,
+                 names=", ".join(self.dispatcher.handlers))
+
+    async def _consume(self, connection: Connection, channel: Channel | None = None,
+                       acker: Acker | None = None) -> None:
+        """Declare and consume on *channel* (a new one if None or closed)."""
+        if channel is None or acker is None or channel.closed:
+            channel = await connection.open_channel()
+            await channel.qos(self.prefetch)  # per consumer: global QoS is gone in 4.3
+            acker = Acker(channel, self._reactor)
+            self._ackers = [a for a in self._ackers if not a.channel.closed] + [acker]
+            ch, ack = channel, acker
+            channel.on_close.append(lambda error: self._consumer_closed(connection, ch, error))
+            channel.on_consumer_cancelled = \
+                lambda tag: self._consumer_cancelled(connection, ch, ack, tag)
         decl = self.declarations
-        channel = await connection.open_channel()
-        await channel.qos(self.prefetch)  # per consumer: global QoS is gone in RabbitMQ 4.3
-        acker = Acker(channel, self._reactor)
+        used = acker
         try:
             await decl.declare(channel)
-            tag = await channel.consume(decl.queue, lambda d: self._request(acker, d))
+            tag = await channel.consume(decl.queue, lambda d: self._request(used, d))
         except ChannelError as e:
             if e.code not in REFUSAL_CODES:
                 raise
             raise self._refused(e) from None
-        self._replies = ConfirmedPublisher(connection.open_channel, replay=True)
-        self._acker = acker
-        self._served = True
-        self._consumer = (channel, tag)
-        log.info("serving {server_id!r}: {names}", server_id=self.server_id,
-                 names=", ".join(self.dispatcher.handlers))
+        if self._stopping:  # stopService began while this consumer was being set up
+            try:
+                await channel.cancel(tag)
+            except CallmeError:
+                pass
+            return
+        self._consumer = _Consumer(channel, acker, tag)
 
     def _refused(self, error: ChannelError) -> DeclarationRefused:
         refusal = DeclarationRefused(self.server_id, error.code, error.text, refusal_hint(
@@ -311,13 +466,76 @@ class CallmeServerService(Service):
             self._fatal = refusal
             log.error("{error} Not retrying: this is the first start.", error=refusal)
             self._reactor.callLater(0, self._session.stop)
-        # On a reconnection the session logs it at error and retries with backoff.
+        # Later it is logged at error and retried with backoff.
         return refusal
 
+    # -- consumers that come back ---------------------------------------------
+
+    def _consumer_cancelled(self, connection: Connection, channel: Channel, acker: Acker,
+                            tag: str) -> None:
+        consumer = self._consumer
+        if consumer is None or consumer.channel is not channel or consumer.tag != tag:
+            return
+        self._consumer = None
+        if self._stopping:
+            return
+        log.warn("the broker cancelled the consumer of {queue} (queue deleted or "
+                 "unavailable): declaring it and consuming again",
+                 queue=self.declarations.queue)
+        self._schedule_recovery(connection, channel, acker, 1)
+
+    def _consumer_closed(self, connection: Connection, channel: Channel,
+                         error: CallmeError) -> None:
+        self._waiting = deque(c for c in self._waiting if c.acker.channel is not channel)
+        consumer = self._consumer
+        if consumer is None or consumer.channel is not channel:
+            return
+        self._consumer = None
+        if self._stopping or connection.lost or not isinstance(error, ChannelError):
+            return  # a lost connection is the session's to bring back
+        log.warn("the broker closed the consumer channel of {queue}: {error}; "
+                 "consuming again", queue=self.declarations.queue, error=error)
+        self._schedule_recovery(connection, None, None, 1)
+
+    def _schedule_recovery(self, connection: Connection, channel: Channel | None,
+                           acker: Acker | None, attempt: int) -> None:
+        self._cancel_recovery()
+        delay = backoff(attempt, initial=0.2)
+        self._recovery = self._reactor.callLater(
+            delay, self._recover, connection, channel, acker, attempt)
+
+    def _cancel_recovery(self) -> None:
+        if self._recovery is not None and self._recovery.active():
+            self._recovery.cancel()
+        self._recovery = None
+
+    def _recover(self, connection: Connection, channel: Channel | None, acker: Acker | None,
+                 attempt: int) -> None:
+        self._recovery = None
+        if self._stopping or connection.lost or self._connection is not connection:
+            return
+        d = Deferred.fromCoroutine(self._consume(connection, channel, acker))
+
+        def done(_: Any) -> None:
+            log.warn("consuming {queue} again (attempt {attempt})",
+                     queue=self.declarations.queue, attempt=attempt)
+
+        def failed(reason: Failure) -> None:
+            if self._stopping or connection.lost or self._connection is not connection:
+                return
+            level = log.error if reason.check(DeclarationRefused) else log.warn
+            level("cannot consume {queue} again: {error}; retrying with backoff",
+                  queue=self.declarations.queue, error=reason.value)
+            self._schedule_recovery(connection, None, None, attempt + 1)
+
+        d.addCallbacks(done, failed)
+
     def _lost(self, error: CallmeError) -> None:
+        self._cancel_recovery()
+        self._connection = None
         self._consumer = None
         self._replies = None
-        self._acker = None
+        self._waiting = deque(c for c in self._waiting if not c.acker.channel.closed)
 
     # -- one request -------------------------------------------------------------
 
@@ -327,6 +545,7 @@ class CallmeServerService(Service):
         if self._stopping:
             acker.reject(tag, requeue=True)
             return
+        received = self._reactor.seconds()
         if self.ack == "on_receipt":
             acker.ack(tag)
         props = delivery.properties
@@ -339,7 +558,8 @@ class CallmeServerService(Service):
                      corr=corr, reply_to=reply_to, error=e)
             if reply_to:
                 body = _wire.encode_error(self.serializer, _wire.error_description(e, False))
-                self._reply(acker, tag, reply_to, corr, body)
+                self._reply(_Call(acker, tag, _wire.Request("", [], {}), reply_to, corr,
+                                  delivery.redelivered, None, None), body)
             else:
                 self._done(acker, tag)
             return
@@ -347,6 +567,8 @@ class CallmeServerService(Service):
             log.warn("request {method!r} has no reply_to: not run", method=request.method)
             self._done(acker, tag)
             return
+        deadline, skew = self._deadline(request, props, received)
+        call = _Call(acker, tag, request, reply_to, corr, delivery.redelivered, deadline, skew)
         limit = self.declarations.delivery_limit
         if limit is not None and delivery.redelivered and _delivery_count(props) >= limit:
             log.error("request {method!r} (correlation id {corr!r}) was delivered {n} times "
@@ -357,20 +579,70 @@ class CallmeServerService(Service):
                 f"{request.method}() was delivered {_delivery_count(props)} times without "
                 f"an answer (servers died running it): not run again")
             body = _wire.encode_error(self.serializer, _wire.error_description(error, False))
-            self._reply(acker, tag, reply_to, corr, body)
+            self._reply(call, body)
             return
-        if request.deadline is not None and time.time() > request.deadline:
-            log.info("request {method!r} expired before it started: not run",
-                     method=request.method)
-            self._done(acker, tag)
+        handler = self.dispatcher.handlers.get(request.method)
+        call.blocking = handler is not None and handler.blocking
+        if call.blocking and self._blocking_running >= self.threads:
+            self._waiting.append(call)  # not started: goes back to the queue on stop
+            return
+        self._start_call(call)
+
+    def _deadline(self, request: _wire.Request, props: dict[str, Any],
+                  received: float) -> tuple[float | None, float | None]:
+        """The deadline to use: receipt + ``expiration`` first (immune to clock skew),
+        bounded by the body's absolute ``deadline`` unless that had already passed
+        at receipt (the broker still delivered it: the clocks disagree)."""
+        relative: float | None = None
+        expiration = props.get("expiration")
+        if expiration is not None:
+            try:
+                relative = received + max(0, int(expiration)) / 1000.0
+            except (TypeError, ValueError):
+                relative = None
+        absolute = request.deadline
+        if relative is None:
+            return absolute, None
+        if absolute is None:
+            return relative, None
+        skew = relative - absolute
+        if absolute < received:
+            if self._skew_warned_at is None or \
+                    received - self._skew_warned_at >= SKEW_WARNING_INTERVAL:
+                self._skew_warned_at = received
+                log.warn("request {method!r} arrived {late:.3f} s after its absolute "
+                         "deadline but within its expiration: this server's clock seems "
+                         "ahead of the caller's by about {skew:.3f} s; using the "
+                         "receipt-relative deadline", method=request.method,
+                         late=received - absolute, skew=skew)
+            return relative, skew
+        return min(relative, absolute), skew
+
+    def _start_call(self, call: _Call) -> None:
+        now = self._reactor.seconds()
+        request = call.request
+        if call.deadline is not None and now > call.deadline:
+            log.warn("request {method!r} (correlation id {corr!r}) is {late:.3f} s past its "
+                     "deadline: not run (estimated clock skew plus queue time: {skew})",
+                     method=request.method, corr=call.corr, late=now - call.deadline,
+                     skew="unknown" if call.skew is None else f"{call.skew:.3f} s")
+            self._done(call.acker, call.tag)
             return
         self._in_flight += 1
-        d = self.dispatcher.dispatch(request, lambda: CallContext(
-            self.server_id, request.method, corr, reply_to, delivery.redelivered,
-            request.deadline))
-        d.addCallback(lambda body: self._reply(acker, tag, reply_to, corr, body))
+        if call.blocking:
+            self._blocking_running += 1
+        try:
+            d = self.dispatcher.dispatch(request, lambda: CallContext(
+                self.server_id, request.method, call.corr, call.reply_to, call.redelivered,
+                call.deadline))
+        except Exception as e:  # dispatch never fails; if it did, still answer
+            log.failure("cannot start {method}", method=request.method)
+            error = ServiceError(f"the server could not start {request.method}(): {e}")
+            d = succeed(_wire.encode_error(self.serializer, _wire.error_description(error,
+                                                                                    False)))
+        d.addCallback(lambda body: self._reply(call, body))
         d.addErrback(lambda f: log.failure("dispatch failed", f))
-        d.addBoth(self._finished)
+        d.addBoth(self._finished, call)
 
     def _done(self, acker: Acker, tag: int) -> None:
         """The request is dealt with: ack it (if not already acked on receipt)."""
@@ -389,26 +661,47 @@ class CallmeServerService(Service):
                                  f"reads {self.serializer.content_type!r}")
         return _wire.decode_request(self.serializer, delivery.body)
 
-    def _reply(self, acker: Acker, tag: int, reply_to: str, corr: Any,
-               body: bytes) -> Deferred[None]:
+    def _reply(self, call: _Call, body: bytes) -> Deferred[None]:
         props: dict[str, Any] = {"content_type": self.serializer.content_type}
-        if corr is not None:
-            props["correlation_id"] = corr
+        if call.corr is not None:
+            props["correlation_id"] = call.corr
         replies = self._replies
         if replies is None:  # the connection is gone; the broker will redeliver
             return succeed(None)
-        d = replies.publish(reply_to, reply_to, body, props)
-
-        def failed(reason: Any) -> None:
-            log.warn("cannot reply to {reply_to!r}: {error}", reply_to=reply_to,
-                     error=reason.value)
-
-        d.addErrback(failed)
-        d.addCallback(lambda _: self._done(acker, tag))
+        d = replies.publish(call.reply_to, call.reply_to, body, props)
+        d.addCallbacks(lambda _: self._done(call.acker, call.tag),
+                       lambda reason: self._reply_failed(call, reason))
         return d
 
-    def _finished(self, _: Any) -> None:
+    def _reply_failed(self, call: _Call, reason: Failure) -> None:
+        error = reason.value
+        if isinstance(error, PublishNacked) or (
+                isinstance(error, BrokerConnectionLost) and self.ack == "after_reply"):
+            # Not taken (or maybe not): the request goes back to the queue and is
+            # answered again, by this instance or another (at-least-once).
+            log.warn("reply to {reply_to!r} not taken by the broker ({error}): the request "
+                     "goes back to the queue", reply_to=call.reply_to, error=error)
+            if self.ack == "after_reply":
+                call.acker.reject(call.tag, requeue=True)
+            return
+        if isinstance(error, (Unroutable, NotFound)):
+            log.info("caller {reply_to!r} is gone; reply dropped: {error}",
+                     reply_to=call.reply_to, error=error)
+        elif isinstance(error, AccessRefused):
+            log.warn("may not reply to {reply_to!r}: {error}", reply_to=call.reply_to,
+                     error=error)
+        else:
+            log.warn("cannot reply to {reply_to!r}: {error}", reply_to=call.reply_to,
+                     error=error)
+        self._done(call.acker, call.tag)  # retrying cannot help
+
+    def _finished(self, _: Any, call: _Call) -> None:
         self._in_flight -= 1
+        if call.blocking:
+            self._blocking_running -= 1
+            while self._waiting and self._blocking_running < self.threads \
+                    and not self._stopping:
+                self._start_call(self._waiting.popleft())
         if not self._in_flight and self._drained:
             waiting, self._drained = self._drained, []
             for d in waiting:

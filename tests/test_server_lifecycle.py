@@ -1,0 +1,237 @@
+"""The server's lifecycle on the real broker: consumers that come back, stopping
+(draining, requeueing, stop_timeout), restarting."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest_twisted
+from _brokerctl import ctl
+from conftest import Services, broker_connect, sleep
+from twisted.internet import threads
+from twisted.internet.defer import gatherResults
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+from txcallme import _wire
+
+
+class Events:
+    """Collects formatted log events of txcallme's loggers at or above *level*."""
+
+    def __init__(self, level: LogLevel = LogLevel.warn) -> None:
+        self.level = level
+        self.texts: list[str] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log_level", LogLevel.info) >= self.level and \
+                str(event.get("log_namespace", "")).startswith("callme."):
+            self.texts.append(formatEvent(event))
+
+    def __enter__(self) -> Events:
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        globalLogPublisher.removeObserver(self)
+
+
+async def with_channel(work: Any) -> Any:
+    """Run ``work(channel)`` on a throwaway connection of the test's own."""
+    connection = await broker_connect()
+    try:
+        channel = await connection.open_channel()
+        result = await work(channel)
+        await channel.close()
+        return result
+    finally:
+        await connection.close()
+
+
+async def message_count(queue: str) -> int:
+    """Messages ready in *queue* (a passive declare)."""
+    ok = await with_channel(lambda ch: ch.declare_queue(queue, passive=True))
+    return int(ok.message_count)
+
+
+async def consumers(queue: str) -> int:
+    """Consumers of *queue*, as the broker lists them."""
+    out = await threads.deferToThread(ctl, "list_consumers", "-p", "/", "queue_name")
+    return sum(1 for line in out.splitlines() if line.strip() == queue)
+
+
+async def delete_server_objects(server_id: str) -> None:
+    """Delete a durable server queue and exchange this test made."""
+    async def work(ch: Any) -> None:
+        await ch.delete_queue(_wire.server_queue(server_id))
+        await ch.delete_exchange(_wire.server_exchange(server_id))
+    await with_channel(work)
+
+
+async def wait_for(predicate: Any, seconds: float = 20.0) -> None:
+    """Poll *predicate* (maybe async) every 0.1 s until true; fail after *seconds*."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if hasattr(value, "__await__"):
+            value = await value
+        if value:
+            return
+        await sleep(0.1)
+    raise AssertionError(f"not true within {seconds} s: {predicate}")
+
+
+# --- issue 9, scenario 2: the server's queue deleted under it ---------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleted_queue_is_declared_and_consumed_again(services: Services,
+                                                            sid: str) -> None:
+    """After an operator deletes the server's queue (basic.cancel), the server declares
+    it again, consumes again (logged at warn) and calls succeed again."""
+    svc = await services.start_server(sid, {"one": lambda: 1})
+    proxy = await services.ready_proxy(timeout=10)
+    assert await proxy.call(sid, "one") == 1
+    with Events() as events:
+        await with_channel(lambda ch: ch.delete_queue(_wire.server_queue(sid)))
+        await wait_for(lambda: svc.consuming and any("consuming" in t and "again" in t
+                                                     for t in events.texts))
+    assert any("cancelled the consumer" in t for t in events.texts), events.texts
+    assert await consumers(_wire.server_queue(sid)) == 1
+    assert await proxy.call(sid, "one") == 1
+
+
+# --- issue 9, scenario 7: a reconnection while draining ---------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnection_while_draining_does_not_consume(services: Services,
+                                                            sid: str) -> None:
+    """A connection lost during stopService() is re-made for replies only: the server
+    never consumes again, so queued requests are not delivered and requeued in a loop."""
+    gate = threading.Event()
+    runs: list[int] = []
+
+    def work(x: int) -> int:
+        runs.append(x)
+        gate.wait(30)
+        return x
+
+    svc = await services.start_server(sid, {"work": work}, threading=True, threads=1,
+                                      prefetch=1, durable=True, stop_timeout=30)
+    proxy = await services.ready_proxy(timeout=30)
+    try:
+        calls = [proxy.use_server(sid).work(i) for i in range(3)]
+        await wait_for(lambda: runs)
+        stopping = svc.stopService()
+        await wait_for(lambda: not svc.consuming)
+        connection = svc._session.connection
+        assert connection is not None
+        with Events() as events:
+            connection.protocol.transport.abortConnection()  # a broker blip while draining
+            await wait_for(lambda: svc._session.connection not in (None, connection))
+            await sleep(1.0)
+        assert any("not consuming again" in t for t in events.texts), events.texts
+        assert not svc.consuming
+        assert await consumers(_wire.server_queue(sid)) == 0
+        assert runs == [0]
+        waiting = await message_count(_wire.server_queue(sid))
+        await sleep(1.0)
+        assert await message_count(_wire.server_queue(sid)) == waiting == 3  # all back, stable
+        gate.set()
+        await stopping
+        assert runs == [0]
+        for call in calls:
+            call.cancel()
+            call.addErrback(lambda _: None)
+    finally:
+        gate.set()
+        await proxy.close()
+        await delete_server_objects(sid)
+
+
+# --- issue 10, items 2, 4, 5: stopping and restarting ----------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_requeues_requests_not_started(services: Services, sid: str) -> None:
+    """Requests prefetched but waiting for a pool thread go back to the queue on stop
+    (counted), and only the running one runs."""
+    gate = threading.Event()
+    runs: list[int] = []
+
+    def work(x: int) -> int:
+        runs.append(x)
+        gate.wait(30)
+        return x
+
+    svc = await services.start_server(sid, {"work": work}, threading=True, threads=1,
+                                      prefetch=3, durable=True)
+    proxy = await services.ready_proxy(timeout=30)
+    try:
+        calls = [proxy.use_server(sid).work(i) for i in range(4)]
+        await wait_for(lambda: runs and len(svc._waiting) == 2)
+        stopping = svc.stopService()
+        await wait_for(lambda: svc.requeued_on_stop == 2)
+        gate.set()
+        await stopping
+        assert runs == [0]
+        assert await calls[0] == 0
+        assert await message_count(_wire.server_queue(sid)) == 3  # 2 requeued + 1 never sent
+        for call in calls[1:]:
+            call.cancel()
+            call.addErrback(lambda _: None)
+    finally:
+        gate.set()
+        await proxy.close()
+        await delete_server_objects(sid)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_timeout_bounds_a_stuck_thread(services: Services, sid: str) -> None:
+    """A blocking function stuck on an Event: stop returns after stop_timeout and the
+    connection close puts the unfinished request back in the queue."""
+    gate = threading.Event()
+    started = threading.Event()
+
+    def stuck() -> int:
+        started.set()
+        gate.wait(60)
+        return 1
+
+    svc = await services.start_server(sid, {"stuck": stuck}, threading=True, threads=2,
+                                      durable=True, stop_timeout=1)
+    proxy = await services.ready_proxy(timeout=60)
+    try:
+        call = proxy.call(sid, "stuck")
+        await wait_for(started.is_set)
+        begun = time.monotonic()
+        await svc.stopService()
+        assert time.monotonic() - begun < 10  # 1 s, plus closing on a loaded machine
+        await wait_for(lambda: message_count(_wire.server_queue(sid)))
+        assert await message_count(_wire.server_queue(sid)) == 1  # back in the queue
+        call.cancel()
+        call.addErrback(lambda _: None)
+    finally:
+        gate.set()
+        await proxy.close()
+        await delete_server_objects(sid)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_and_start_again_many_times(services: Services, sid: str) -> None:
+    """A threaded service stops and starts again three times and answers each time;
+    two concurrent stops share one outcome."""
+    svc = await services.start_server(sid, {"add": lambda a, b: a + b}, threading=True,
+                                      threads=2)
+    proxy = await services.ready_proxy(timeout=15)
+    for round_ in range(3):
+        assert await proxy.use_server(sid).add(round_, 1) == round_ + 1
+        first, second = svc.stopService(), svc.stopService()
+        assert await gatherResults([first, second]) == [None, None]
+        assert not svc._session.running
+        svc.startService()
+        await svc.when_ready()
+    assert await proxy.use_server(sid).add(5, 5) == 10
+    await svc.stopService()
