@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from txcallme.service import CallmeServerService
 from txcallme.tap import (
     EXIT_START_FAILED,
     KILL_MARGIN,
+    JSONLogging,
     Options,
     ServerRunner,
     WorkerMonitor,
@@ -379,3 +381,28 @@ def test_processes_gives_a_worker_monitor(module: ModuleWriter, tmp_path: Path) 
     assert env["TXCALLME_SUPERVISOR_PID"] == str(os.getpid())
     with pytest.raises(UsageError):
         parse("--server-id", "foo", "--module", name, "--processes", "0")
+
+
+def test_log_format_json_sets_the_application_observer(module: ModuleWriter) -> None:
+    """--log-format json wraps the service so that, attached to twistd's application,
+    it sets a JSON observer writing one event per line; other formats are a UsageError."""
+    import io
+
+    from twisted.application.service import Application
+    from twisted.logger import ILogObserver, Logger
+
+    name = module(ADD)
+    service = makeService(parse("--server-id", "foo", "--module", name, "--log-format",
+                                "json"))
+    assert isinstance(service, JSONLogging) and isinstance(service.service, ServerRunner)
+    out = io.StringIO()  # where twistd's log file would be
+    service = JSONLogging(service.service, lambda: out)
+    application = Application("callme")
+    service.setServiceParent(application)
+    observer = ILogObserver(application)
+    Logger(namespace="t", observer=observer).info("hello {who}", who="you")
+    [line] = out.getvalue().splitlines()
+    event = json.loads(line)
+    assert (event["who"], event["log_format"]) == ("you", "hello {who}")
+    with pytest.raises(UsageError, match="text, json"):
+        parse("--server-id", "foo", "--module", name, "--log-format", "xml")

@@ -7,6 +7,7 @@ Every process started here is killed at teardown if it is still alive.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -298,3 +299,52 @@ async def test_unreachable_first_start_exits_non_zero(processes: Processes) -> N
     text = log.read_text()
     assert process.returncode == 1, text
     assert "cannot start: cannot reach the AMQP broker at 127.0.0.1:1" in text, text
+
+
+def json_events(log: Path) -> list[dict[str, Any]]:
+    """Every line of *log* parsed as JSON (a line that does not parse fails the test)."""
+    events = []
+    for line in log.read_text().splitlines():
+        if line:
+            events.append(json.loads(line))
+    return events
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_format_json(processes: Processes, services: Any) -> None:
+    """``--log-format json``: every line twistd writes is one JSON event, fields included
+    (the serving event carries server_id), from start-up to "Server Shut Down."."""
+    server_id = new_server_id()
+    process, log = processes.twistd("--pidfile=", "-n", "callme", "--server-id", server_id,
+                                    "--module", "app", "--log-format", "json")
+    proxy = services.proxy()
+    assert await call_when_serving(proxy, server_id, "add", 1, 1,
+                                   alive=lambda: process.poll() is None) == 2
+    process.send_signal(signal.SIGTERM)
+    await wait_for(lambda: process.poll() is not None, STOP_TIMEOUT, "twistd to exit")
+    events = json_events(log)
+    serving = [e for e in events if e.get("log_namespace") == "callme.server"
+               and e.get("log_format", "").startswith("serving ")]
+    assert [e["server_id"] for e in serving] == [server_id], events
+    assert events[-1]["log_format"] == "Server Shut Down."
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_format_json_with_workers(processes: Processes, services: Any) -> None:
+    """``--log-format json --processes 2``: workers' events reach twistd's log as JSON
+    events of their own, each naming its worker."""
+    server_id = new_server_id()
+    process, log = processes.twistd("--pidfile=", "-n", "callme", "--server-id", server_id,
+                                    "--module", "app", "--log-format", "json",
+                                    "--processes", "2")
+    proxy = services.proxy()
+    assert await call_when_serving(proxy, server_id, "add", 1, 1,
+                                   alive=lambda: process.poll() is None) == 2
+    await wait_for(lambda: log.read_text().count('"serving {server_id!r}') >= 2,
+                   START_TIMEOUT, "both workers to serve")
+    process.send_signal(signal.SIGTERM)
+    await wait_for(lambda: process.poll() is not None, STOP_TIMEOUT, "twistd to exit")
+    serving = [e for e in json_events(log) if e.get("log_namespace") == "callme.server"
+               and e.get("log_format", "").startswith("serving ")]
+    assert sorted(e["worker"] for e in serving) == ["worker-1", "worker-2"], serving
+    assert {e["server_id"] for e in serving} == {server_id}

@@ -12,20 +12,31 @@ import os
 import sys
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import IO, Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    Logger,
+    LogLevel,
+    eventFromJSON,
+    jsonFileLogObserver,
+)
 from twisted.python import usage
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
 from twisted.runner.procmon import ProcessMonitor
 
 from txcallme.amqp import TLSSettings, connection_params
 from txcallme.service import QUEUE_TYPES, CallmeServerService
 
 log = Logger(namespace="callme.server")
+
+LOG_FORMATS = ("text", "json")
 
 
 def _port(value: str) -> int:
@@ -52,6 +63,12 @@ def _at_least_one(value: str) -> int:
 def _queue_type(value: str) -> str:
     if value not in QUEUE_TYPES:
         raise ValueError(f"must be one of {', '.join(QUEUE_TYPES)}: {value}")
+    return value
+
+
+def _log_format(value: str) -> str:
+    if value not in LOG_FORMATS:
+        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}: {value}")
     return value
 
 
@@ -90,6 +107,8 @@ class Options(usage.Options):
         ["stop-timeout", None, 60.0, "Seconds a stop waits for running calls.", _seconds],
         ["processes", "p", 1, "Worker processes serving the server id, supervised and "
          "restarted if they die.", _at_least_one],
+        ["log-format", None, "text", "Log as text or json (one JSON event a line, "
+         "twisted.logger's eventAsJSON).", _log_format],
     ]
     optFlags = [
         ["ssl", None, "Connect with TLS."],
@@ -255,13 +274,79 @@ class ServerRunner(MultiService):
 def makeService(options: Options) -> Service:  # noqa: N802
     """The service ``twistd callme`` runs for parsed *options*: the server, or
     with ``--processes N`` (N > 1) a :class:`WorkerMonitor` of N workers."""
+    service: Service
     if options["processes"] > 1:
-        return worker_monitor(options)
-    runner = ServerRunner(make_server(options))
-    supervisor = os.environ.get(SUPERVISOR_ENV)
-    if supervisor:
-        _watch_supervisor(runner, int(supervisor))
-    return runner
+        service = worker_monitor(options)
+    else:
+        runner = service = ServerRunner(make_server(options))
+        supervisor = os.environ.get(SUPERVISOR_ENV)
+        if supervisor:
+            _watch_supervisor(runner, int(supervisor))
+    if options["log-format"] == "json":
+        return JSONLogging(service, _twistd_log_file(options))
+    return service
+
+
+# -- --log-format json -------------------------------------------------------------
+
+
+def json_observer(out: IO[Any]) -> FileLogObserver:
+    """One JSON object per line (``eventAsJSON``), no record separator."""
+    return jsonFileLogObserver(out, recordSeparator="")
+
+
+def _twistd_log_file(options: Options) -> Callable[[], IO[Any]]:
+    """Where twistd would log: ``--logfile`` (``-`` is stdout), else stdout with
+    ``--nodaemon``, else ``twistd.log``."""
+    parent = getattr(options, "parent", None)
+    logfile = parent.get("logfile") if parent is not None else "-"
+    nodaemon = parent.get("nodaemon") if parent is not None else True
+
+    def opener() -> IO[Any]:
+        if logfile == "-" or (not logfile and nodaemon):
+            return sys.stdout
+        return LogFile.fromFullPath(logfile or "twistd.log")  # type: ignore[no-any-return]
+
+    return opener
+
+
+class JSONLogging(MultiService):
+    """Wraps the service of ``--log-format json``: when twistd attaches it to its
+    application, it sets the application's log observer (twistd's documented
+    hook, read when logging starts) to :func:`json_observer` on twistd's log file."""
+
+    def __init__(self, service: Service, out: Callable[[], IO[Any]]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._out = out
+        self.service = service
+        service.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:  # noqa: N802
+        if isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, json_observer(self._out()))
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
+
+
+class _WorkerLog(Logger):
+    """ProcessMonitor's logger: a worker's line that is a JSON log event (workers
+    log JSON under ``--log-format json``) is re-emitted as that event, with
+    ``worker`` added, instead of as text wrapping it."""
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
+        line = kwargs.get("line")
+        if isinstance(line, str):
+            line = line.lstrip("\x1e")  # twist's JSON records start with RS (RFC 7464)
+        if isinstance(line, str) and line.startswith("{") and "tag" in kwargs:
+            try:
+                event = eventFromJSON(line)
+            except ValueError:
+                pass
+            else:
+                event["worker"] = kwargs["tag"]
+                publish: Callable[[dict[str, Any]], None] = self.observer
+                publish(event)
+                return
+        super().emit(level, format, **kwargs)
 
 
 # -- --processes: supervised workers -----------------------------------------------
@@ -289,8 +374,8 @@ def _watch_supervisor(runner: ServerRunner, supervisor: int) -> None:
 def worker_command(options: Options, number: int) -> list[str]:
     """The command line of worker *number* (1-based): this ``twistd callme``'s own
     options, run by ``python -m twisted`` (``twist``) as one process."""
-    args = [sys.executable, "-m", "twisted", "--log-format", "text", "callme", *options.argv,
-            "--processes=1"]
+    args = [sys.executable, "-m", "twisted", "--log-format", options["log-format"], "callme",
+            *options.argv, "--processes=1"]
     return args
 
 
@@ -305,6 +390,8 @@ class WorkerMonitor(ProcessMonitor):
     broker) stops them all, and twistd exits with that status: every worker
     has the same options, so the others would fail the same way.
     """
+
+    log = _WorkerLog()
 
     def __init__(self, *, reactor: Any = None,
                  exit: Callable[[int], None] = _exit_at_interpreter_end) -> None:
