@@ -492,3 +492,15 @@ class NoConsumerTests(SynchronousTestCase):
         call = Outcome(proxy.call("s1", "echo", 3))
         rig.settle(0.1)
         self.assertEqual(call.value, 3)
+
+    def test_missing_server_queue_is_never_declared_passively(self) -> None:
+        """Calls to a server id with no queue come back (ServerUnavailable) and cause
+        no passive declare, hence no 404 channel closes, however many are made."""
+        rig, proxy = self.rig, self.proxy
+        calls = []
+        for _ in range(30):
+            calls.append(Outcome(proxy.call("nobody", "echo", 1)))
+            rig.settle(0.1)
+        for call in calls:
+            self.assertIsInstance(call.value, ServerUnavailable)
+        self.assertEqual(self.checks, [])

@@ -41,6 +41,9 @@ class Destination:
       the destination's exchange);
     - *closed(destination, error)*: when the channel is gone.
 
+    *taken(destination)* is called once at the next request the broker takes
+    after :attr:`want_taken` is set.
+
     With *replies*, the channel also consumes RabbitMQ's Direct Reply-to
     pseudo-queue (no-ack) before the first request, and hands each reply to it.
     """
@@ -49,9 +52,13 @@ class Destination:
                  returned: Callable[[Destination, str], None],
                  refused: Callable[[Destination, list[Sent], CallmeError], None],
                  closed: Callable[[Destination, CallmeError], None], *,
-                 replies: Callable[[Delivery], None] | None = None) -> None:
+                 replies: Callable[[Delivery], None] | None = None,
+                 taken: Callable[[Destination], None] | None = None) -> None:
         self._connection = connection
         self._replies = replies
+        self._taken = taken
+        #: call *taken(destination)* at the next request the broker takes
+        self.want_taken = False
         self.exchange = exchange
         self.routing_key = routing_key
         self._returned = returned
@@ -151,6 +158,10 @@ class Destination:
             return
         kind = outcome.kind
         if kind is Outcome.TAKEN:
+            if self.want_taken:
+                self.want_taken = False
+                if self._taken is not None:
+                    self._taken(self)
             return
         if kind is Outcome.RETURNED:
             self._returned(self, corr)

@@ -74,8 +74,10 @@ class _ConsumerCheck:
     at: float = float("-inf")
     #: when the queue was last seen with no consumer (None: it had one)
     empty_at: float | None = None
-    #: calls published to it while a check is running (None: no check running)
+    #: calls published to it since a check began (None: no check under way)
     since: list[str] | None = None
+    #: the passive declare has been sent (after the broker took a request)
+    running: bool = False
 
 
 @attrs.define(slots=True, eq=False)
@@ -411,21 +413,34 @@ class Proxy:
             destination = self._destinations[call.server_id] = Destination(
                 connection, _wire.server_exchange(call.server_id), call.server_id,
                 self._returned, self._refused, self._destination_closed,
-                replies=self._reply if self.direct_reply_to else None)
+                replies=self._reply if self.direct_reply_to else None, taken=self._taken)
         call.destination = destination
         call.seq = 0
-        remaining = call.deadline - self._reactor.seconds()
+        # a server queue that takes requests may have no consumer: count them
+        # (once the broker has taken this request, so missing queues, whose
+        # requests come back, are never declared passively)
+        if check.since is not None and now - check.at < 2 * CONSUMER_CHECK_INTERVAL:
+            check.since.append(corr)
+        elif now - check.at >= CONSUMER_CHECK_INTERVAL and not self._in_grace(now):
+            check.at = now
+            check.since = [corr]
+            check.running = False
+            destination.want_taken = True
+        remaining = call.deadline - now
         call.seq = destination.send(corr, call.body, {
             "content_type": self.serializer.content_type, "correlation_id": corr,
             "reply_to": self._reply_to, "expiration": str(max(1, int(remaining * 1000)))})
         if now - self._reply_checked_at >= REPLY_CHECK_INTERVAL and not self.direct_reply_to:
             self._check_reply_exchange(connection, now)
-        if check.since is not None:
-            check.since.append(corr)
-        elif now - check.at >= CONSUMER_CHECK_INTERVAL and not self._in_grace(now):
-            check.at = now
-            check.since = [corr]
-            Deferred.fromCoroutine(self._count_consumers(connection, server_id, check))
+
+    def _taken(self, destination: Destination) -> None:
+        check = self._checks.get(destination.routing_key)
+        connection = self._live
+        if check is not None and check.since is not None and not check.running \
+                and connection is not None:
+            check.running = True
+            Deferred.fromCoroutine(self._count_consumers(
+                connection, destination.routing_key, check))
 
     # -- checks with passive declares ------------------------------------------
 
@@ -478,6 +493,7 @@ class Proxy:
         except CallmeError:  # no such queue (requests come back as returns), or lost
             pass
         since, check.since = check.since or [], None
+        check.running = False
         if self._closed or count is None:
             return
         if count:
