@@ -25,6 +25,7 @@ scenario is printed (``pytest -s``) and all of them are written to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -110,7 +111,9 @@ def cluster() -> Iterator[RabbitCluster]:
     RESULTS_FILE.write_text("{}\n")
     began = now()
     rabbit = RabbitCluster(3)
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(rabbit.cleanup_on_signals())
         rabbit.start()
         record("cluster", {"nodes": [n.nodename for n in rabbit.nodes],
                            "amqp_ports": [n.port for n in rabbit.nodes],
@@ -121,6 +124,7 @@ def cluster() -> Iterator[RabbitCluster]:
         try:
             rabbit.cleanup()
         finally:
+            stack.close()
             left = rabbit.processes()
             record("cluster_teardown", {
                 "processes_left": left, "module_s": round(now() - began, 1),
@@ -131,6 +135,8 @@ def cluster() -> Iterator[RabbitCluster]:
 @pytest.fixture(autouse=True)
 def all_nodes_up(cluster: RabbitCluster) -> None:
     """Every test starts with all three nodes running (a failed test may leave one down)."""
+    if cluster.interrupted:
+        pytest.exit("interrupted: the cluster was cleaned up", returncode=2)
     down = [n for n in cluster.nodes if n.app_stopped or not n.running()]
     for node in down:
         cluster.start_node(node)
