@@ -30,6 +30,7 @@ from txcallme.tap import (
     WorkerMonitor,
     make_server,
     makeService,
+    worker_command,
 )
 
 ModuleWriter = Callable[[str], str]
@@ -406,3 +407,12 @@ def test_log_format_json_sets_the_application_observer(module: ModuleWriter) -> 
     assert (event["who"], event["log_format"]) == ("you", "hello {who}")
     with pytest.raises(UsageError, match="text, json"):
         parse("--server-id", "foo", "--module", name, "--log-format", "xml")
+
+
+def test_metrics_port_per_worker(module: ModuleWriter) -> None:
+    """With --processes 3 --metrics-port 9100, worker k serves metrics on 9100+k-1."""
+    options = parse("--server-id", "foo", "--module", module(ADD), "--processes", "3",
+                    "--metrics-port", "9100")
+    assert [worker_command(options, k)[-1] for k in (1, 2, 3)] == [
+        "--metrics-port=9100", "--metrics-port=9101", "--metrics-port=9102"]
+    assert options["metrics-interface"] == "127.0.0.1"

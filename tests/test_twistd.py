@@ -348,3 +348,54 @@ async def test_log_format_json_with_workers(processes: Processes, services: Any)
                and e.get("log_format", "").startswith("serving ")]
     assert sorted(e["worker"] for e in serving) == ["worker-1", "worker-2"], serving
     assert {e["server_id"] for e in serving} == {server_id}
+
+
+def free_ports(n: int) -> int:
+    """The first of *n* consecutive TCP ports nothing listens on right now."""
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = int(s.getsockname()[1])
+        try:
+            for port in range(first + 1, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+
+
+def scrape(port: int, timeout: float = START_TIMEOUT) -> list[Any]:
+    """GET /metrics on *port* (retrying until it listens); the parsed metric families."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                assert response.status == 200
+                return list(text_string_to_metric_families(response.read().decode()))
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_metrics_port(processes: Processes, workers: int) -> None:
+    """``--metrics-port`` serves Prometheus text at /metrics (worker k of --processes on
+    PORT+k-1), which prometheus_client parses, with txcallme's server families."""
+    port = free_ports(workers)
+    process, log = processes.twistd("--pidfile=", "-n", "callme", "--server-id",
+                                    new_server_id(), "--module", "app", "--metrics-port",
+                                    str(port), "--processes", str(workers))
+    for k in range(workers):
+        names = {family.name for family in scrape(port + k)}
+        assert "txcallme_server_call_duration_seconds" in names, (names, log.read_text())
+    assert process.poll() is None
+    process.send_signal(signal.SIGTERM)
+    process.wait(STOP_TIMEOUT)

@@ -107,6 +107,9 @@ class Options(usage.Options):
         ["stop-timeout", None, 60.0, "Seconds a stop waits for running calls.", _seconds],
         ["processes", "p", 1, "Worker processes serving the server id, supervised and "
          "restarted if they die.", _at_least_one],
+        ["metrics-port", None, None, "Serve Prometheus metrics at http://INTERFACE:PORT/"
+         "metrics (with --processes, worker k uses PORT+k-1).", _port],
+        ["metrics-interface", None, "127.0.0.1", "Interface for --metrics-port."],
         ["log-format", None, "text", "Log as text or json (one JSON event a line, "
          "twisted.logger's eventAsJSON).", _log_format],
     ]
@@ -278,7 +281,15 @@ def makeService(options: Options) -> Service:  # noqa: N802
     if options["processes"] > 1:
         service = worker_monitor(options)
     else:
+        metrics = None
+        if options["metrics-port"]:  # before the server: its metrics are recorded
+            from txcallme import observe
+
+            metrics = observe.metrics_service(options["metrics-port"],
+                                              options["metrics-interface"])
         runner = service = ServerRunner(make_server(options))
+        if metrics is not None:
+            metrics.setServiceParent(runner)
         supervisor = os.environ.get(SUPERVISOR_ENV)
         if supervisor:
             _watch_supervisor(runner, int(supervisor))
@@ -376,6 +387,8 @@ def worker_command(options: Options, number: int) -> list[str]:
     options, run by ``python -m twisted`` (``twist``) as one process."""
     args = [sys.executable, "-m", "twisted", "--log-format", options["log-format"], "callme",
             *options.argv, "--processes=1"]
+    if options["metrics-port"]:
+        args.append(f"--metrics-port={options['metrics-port'] + number - 1}")
     return args
 
 
