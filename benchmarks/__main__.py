@@ -71,6 +71,11 @@ WORKLOADS: list[dict[str, Any]] = [
          opts=["--concurrency", "64"], floor_mode="-64"),
     dict(name="memory", server="txcallme-hold", client="memory", opts=[]),
     # other features' costs, each against its own baseline in the same run
+    dict(name="txcallme-serial-direct", server="txcallme", client="txcallme",
+         opts=["--direct-reply-to"], vs="txcallme-serial", needs="direct-reply-to"),
+    dict(name="txcallme-64-direct", server="txcallme", client="txcallme",
+         opts=["--concurrency", "64", "--direct-reply-to"], vs="txcallme-64",
+         needs="direct-reply-to"),
     dict(name="txcallme-64-observed", server="txcallme", client="txcallme",
          opts=["--concurrency", "64", "--observe"], server_opts=["--observe"],
          vs="txcallme-64", needs="observe"),
@@ -98,8 +103,18 @@ def _has_processes() -> bool:
     return any(option[0] == "processes" for option in tap.Options.optParameters)
 
 
+def _has_direct_reply_to() -> bool:
+    """``Proxy(direct_reply_to=True)``."""
+    import inspect
+
+    from txcallme import Proxy
+
+    return "direct_reply_to" in inspect.signature(Proxy).parameters
+
+
 #: feature name -> is it in this tree?
 FEATURES: dict[str, Callable[[], bool]] = {
+    "direct-reply-to": _has_direct_reply_to,
     "observe": _has_observe_hooks,
     "processes": _has_processes,
 }
@@ -203,6 +218,8 @@ def run_once(w: dict[str, Any], duration: float, warmup: float, log: Any) -> dic
         result = _last_json(client.stdout)
         if client.returncode or not result:
             result["error"] = f"client exited {client.returncode}"
+        elif result.get("errors") and not result.get("calls"):
+            result["error"] = f"every call failed ({result['errors']}; see {log.name})"
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
@@ -285,6 +302,8 @@ def _brief(r: dict[str, Any]) -> str:
     if "rss_bytes_per_pending_call" in r:
         return f"{r['rss_bytes_per_pending_call']:.0f} B/pending call"
     text = f"{r.get('calls_per_s') or 0:,.0f} calls/s, p50 {r.get('p50_ms') or 0:.2f} ms"
+    if r.get("errors"):
+        text += f", {r['errors']} failed calls"
     for side in ("client", "server"):
         if f"{side}_rss_growth_pct" in r:
             text += (f", {side} RSS {r[f'{side}_rss_start_mib']:.1f} -> "

@@ -39,6 +39,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--value", choices=["string", "records", "records-size-string"],
                    default="string", help="txcallme-echo: what is echoed")
     p.add_argument("--reply-bytes", type=int, default=1_000_000, help="txcallme-blob")
+    p.add_argument("--direct-reply-to", action="store_true",
+                   help="txcallme: Proxy(direct_reply_to=True), replies through RabbitMQ's "
+                        "Direct Reply-to")
     p.add_argument("--observe", action="store_true",
                    help="txcallme: tracing and metrics on (observe.enable_everything)")
     return p.parse_args(argv)
@@ -62,7 +65,9 @@ async def txcallme_client(args: argparse.Namespace, rec: common.Recorder) -> dic
         from txcallme import observe
 
         observe.enable_everything()
-    proxy = Proxy(common.HOST, common.PORT, common.USER, common.PASSWORD, timeout=60)
+    options = {"direct_reply_to": True} if args.direct_reply_to else {}
+    proxy = Proxy(common.HOST, common.PORT, common.USER, common.PASSWORD, timeout=60,
+                  **options)
     await proxy.when_ready()
     sid = args.server_id
     rss = common.RSSSampler()
