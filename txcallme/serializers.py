@@ -98,8 +98,12 @@ class JSONSerializer:
                     value, len(data) >> 4, self.max_depth)
                 if verdict is None:
                     marks = data.translate(_MARKS)
-                    verdict = (_BIG_INT if _LONG_RUN in marks
-                               else _DEEP if _deeper_than(data, self.max_depth) else _OK)
+                    if _LONG_RUN in marks:
+                        verdict = _BIG_INT
+                    elif len(data) <= _SMALL and marks.count(b"[") <= self.max_depth:
+                        verdict = _OK
+                    else:
+                        verdict = _DEEP if _deeper_than(data, self.max_depth) else _OK
                 if verdict is _OK:
                     return value
                 if verdict is _DEEP:
@@ -126,8 +130,6 @@ class JSONSerializer:
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
-
-_MISSING: Any = object()
 
 # -- what orjson may do: every check below is a few passes of C code ----------------------
 
