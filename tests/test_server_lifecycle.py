@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
 
 import pytest_twisted
-from _brokerctl import ctl
+from _brokerctl import ctl, rand
 from conftest import Services, broker_connect, sleep
+from conftest import _created_names as conftest_names
 from twisted.internet import threads
 from twisted.internet.defer import gatherResults
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -235,3 +237,48 @@ async def test_stop_and_start_again_many_times(services: Services, sid: str) -> 
         await svc.when_ready()
     assert await proxy.use_server(sid).add(5, 5) == 10
     await svc.stopService()
+
+
+# --- issue 9, item 6: a broker nack of a reply ------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_nacked_reply_requeues_the_request(services: Services, sid: str) -> None:
+    """A reply the broker nacks (the caller's queue is full, overflow reject-publish) sends
+    the request back to the queue; once there is room the call is answered exactly once
+    and the request is acked."""
+    runs: list[int] = []
+    await services.start_server(sid, {"work": lambda x: runs.append(x) or x * 2})
+    suffix = rand()
+    exchange, queue = f"client_guest_ex_nack{suffix}", f"client_guest_queue_nack{suffix}"
+    conftest_names.update({exchange, queue})
+    connection = await broker_connect()
+    replies: list[Any] = []
+    try:
+        ch = await connection.open_channel()
+        await ch.declare_exchange(exchange, "direct", auto_delete=True)
+        await ch.declare_queue(queue, exclusive=True, arguments={
+            "x-max-length": 1, "x-overflow": "reject-publish"})
+        await ch.bind_queue(queue, exchange, exchange)
+        ch.publish(exchange, exchange, b"filler", {})  # the caller's queue is full
+        ch.publish(_wire.server_exchange(sid), sid,
+                   json.dumps({"method": "work", "args": [21]}).encode(),
+                   {"reply_to": exchange, "correlation_id": "c1",
+                    "content_type": "application/json"})
+        await wait_for(lambda: len(runs) >= 2)  # nacked, requeued, run again
+        await ch.consume(queue, replies.append, no_ack=True)  # make room
+        await wait_for(lambda: any(d.body != b"filler" for d in replies))
+        await sleep(1.0)
+        answers = [d for d in replies if d.body != b"filler"]
+        assert [(d.properties["correlation_id"], json.loads(d.body)) for d in answers] == [
+            ("c1", {"result": 42})]
+        assert await message_count(_wire.server_queue(sid)) == 0  # acked, not requeued
+        listing = await threads.deferToThread(
+            ctl, "list_queues", "-p", "/", "name", "messages_unacknowledged")
+        assert f"{_wire.server_queue(sid)}\t0" in listing.splitlines(), listing
+    finally:
+        try:
+            ch2 = await connection.open_channel()
+            await ch2.delete_exchange(exchange)
+        finally:
+            await connection.close()
