@@ -53,7 +53,8 @@ class Destination:
                  refused: Callable[[Destination, list[Sent], CallmeError], None],
                  closed: Callable[[Destination, CallmeError], None], *,
                  replies: Callable[[Delivery], None] | None = None,
-                 taken: Callable[[Destination], None] | None = None) -> None:
+                 taken: Callable[[Destination], None] | None = None,
+                 server_id: str | None = None) -> None:
         self._connection = connection
         self._replies = replies
         self._taken = taken
@@ -61,6 +62,8 @@ class Destination:
         self.want_taken = False
         self.exchange = exchange
         self.routing_key = routing_key
+        #: the server id its requests are for (the routing key unless given)
+        self.server_id = routing_key if server_id is None else server_id
         self._returned = returned
         self._refused = refused
         self._closed = closed
