@@ -76,8 +76,7 @@ class JSONSerializer:
             except _orjson.JSONEncodeError:
                 pass  # not plain JSON for orjson: the standard library decides
             else:
-                # orjson writes NaN and infinities as null: look at floats only then
-                if _plain(value, b"null" in data):
+                if _plain(value, data):
                     return data
         try:
             return self._encoder.encode(value).encode("utf-8")
@@ -166,19 +165,25 @@ def _floats(level: list[Any]) -> Any:
     return compress(level, map(is_, map(type, level), repeat(float)))
 
 
-def _plain(value: Any, check_floats: bool) -> bool:
-    """Is *value* made only of exact JSON types (and finite floats if *check_floats*)?
+def _plain(value: Any, data: bytes) -> bool:
+    """Is *value* made only of exact JSON types and finite floats? *data* is what
+    orjson made of it.
 
     orjson also encodes enums, UUIDs and its Fragment, and NaN as null, all of
     which the standard library refuses. *value* is known to be acyclic (orjson
     encoded it), so the walk ends; it goes level by level, in C.
     """
     level = [value]
+    nulls: bool | None = None  # does data contain null (as NaN and infinities become)?
     while level:
-        if not _PLAIN.issuperset(map(type, level)):
+        types = set(map(type, level))
+        if not _PLAIN.issuperset(types):
             return False
-        if check_floats and not all(map(isfinite, _floats(level))):
-            return False
+        if float in types:
+            if nulls is None:
+                nulls = b"null" in data
+            if nulls and not all(map(isfinite, _floats(level))):
+                return False
         level = _children(level)  # scalars have no children: the containers' items
     return True
 
