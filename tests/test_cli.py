@@ -394,3 +394,21 @@ def test_stats_table_and_json(server: tuple[str, int]) -> None:
     assert "in flight, pool threads busy" in lines[1]
     assert lines[2].split() == ["INSTANCE", "METHOD", "CALLS", "ERRORS", "P50", "MS", "P99", "MS"]
     assert any(line.split()[1:3] == ["echo", str(before + 2)] for line in lines[3:]), lines
+
+
+def test_serve_processes(app_dir: Path, children: Children, tmp_path: Path) -> None:
+    """``callme serve --processes 2`` runs two instances (ping sees both); SIGTERM stops
+    them and exits 0."""
+    server_id = new_server_id()
+    log = tmp_path / "serve.log"
+    process = children.start([sys.executable, "-m", "txcallme.cli", "serve", "cliapp",
+                              "--server-id", server_id, "--processes", "2"], app_dir, log)
+    deadline = time.monotonic() + START_TIMEOUT
+    while log.read_text().count(f"serving {server_id!r}") < 2:
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    done = callme("ping", server_id, "--count", "6")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("2 instance(s) answered"), done.stdout
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0, log.read_text()

@@ -404,17 +404,31 @@ def _serve(argv: Sequence[str], urls: Sequence[str], shuffle_hosts: bool) -> int
         return _fail(EXIT_USAGE, f"serve: {e} (see callme serve --help)")
     except SystemExit as e:  # --help
         return EXIT_OK if not e.code else EXIT_USAGE
-    observers: list[Any] = [textFileLogObserver(sys.stderr)]
+    observers: list[Any] = [tap.json_observer(sys.stderr) if options["log-format"] == "json"
+                            else textFileLogObserver(sys.stderr)]
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
-    service = tap.make_server(options)
-    return _react(lambda reactor: _run_service(reactor, service))
+    if options["processes"] > 1:
+        monitor = tap.worker_monitor(options)
+        return _react(lambda reactor: _run_workers(reactor, monitor))
+    runner = tap.make_runner(options, fatal_start=False)
+    return _react(lambda reactor: _run_service(reactor, runner))
 
 
-async def _run_service(reactor: Any, service: Any) -> int:
+async def _run_workers(reactor: Any, monitor: tap.WorkerMonitor) -> int:
+    monitor.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", monitor.stopService)
+    log.info("running {n} workers; SIGINT or SIGTERM stops", n=len(monitor.commands))
+    await Deferred()  # the reactor stops on a signal; the trigger stops the workers
+    return EXIT_OK
+
+
+async def _run_service(reactor: Any, runner: tap.ServerRunner) -> int:
+    service = runner.server
+
     def stop() -> Any:
-        return service.stopService() if service.running else None
+        return runner.stopService() if runner.running else None
 
-    service.startService()
+    runner.startService()
     trigger = reactor.addSystemEventTrigger("before", "shutdown", stop)
     try:
         await service.when_ready()

@@ -233,20 +233,24 @@ class ServerRunner(MultiService):
     """
 
     def __init__(self, server: CallmeServerService, *, reactor: Any = None,
-                 exit: Callable[[int], None] = _exit_at_interpreter_end) -> None:
+                 exit: Callable[[int], None] = _exit_at_interpreter_end,
+                 fatal_start: bool = True) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
         self._exit = exit
         self.server = server
+        #: False: the caller deals with a failed first start (``callme serve``)
+        self.fatal_start = fatal_start
         #: the error that stopped the first start, if one did
         self.start_error: BaseException | None = None
         server.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:  # noqa: N802
         super().startService()  # type: ignore[no-untyped-call]
-        self.server.when_ready().addErrback(self._first_start_failed)
+        if self.fatal_start:
+            self.server.when_ready().addErrback(self._first_start_failed)
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
         """Stop the services; after a failed first start (nothing to drain), give
@@ -281,21 +285,28 @@ def makeService(options: Options) -> Service:  # noqa: N802
     if options["processes"] > 1:
         service = worker_monitor(options)
     else:
-        metrics = None
-        if options["metrics-port"]:  # before the server: its metrics are recorded
-            from txcallme import observe
-
-            metrics = observe.metrics_service(options["metrics-port"],
-                                              options["metrics-interface"])
-        runner = service = ServerRunner(make_server(options))
-        if metrics is not None:
-            metrics.setServiceParent(runner)
-        supervisor = os.environ.get(SUPERVISOR_ENV)
-        if supervisor:
-            _watch_supervisor(runner, int(supervisor))
+        service = make_runner(options)
     if options["log-format"] == "json":
         return JSONLogging(service, _twistd_log_file(options))
     return service
+
+
+def make_runner(options: Options, *, fatal_start: bool = True) -> ServerRunner:
+    """The server of *options* in a :class:`ServerRunner`, with its metrics
+    service (``--metrics-port``) and, in a worker, the supervisor watch."""
+    metrics = None
+    if options["metrics-port"]:  # before the server: its metrics are recorded
+        from txcallme import observe
+
+        metrics = observe.metrics_service(options["metrics-port"],
+                                          options["metrics-interface"])
+    runner = ServerRunner(make_server(options), fatal_start=fatal_start)
+    if metrics is not None:
+        metrics.setServiceParent(runner)
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if supervisor:
+        _watch_supervisor(runner, int(supervisor))
+    return runner
 
 
 # -- --log-format json -------------------------------------------------------------
