@@ -91,6 +91,27 @@ class ServerBrokerEventTests(SynchronousTestCase):
         self.assertTrue(any("cancelled the consumer" in t for t in self.warnings.texts))
 
 
+    def test_closed_consumer_channel_is_replaced(self) -> None:
+        """The broker closes the consumer's channel (406): a new channel consumes again,
+        logged at warn, and calls succeed."""
+        rig = self.rig
+        svc = rig.server("s1", {"one": lambda: 1})
+        proxy = rig.proxy()
+        assert svc._consumer is not None
+        old = svc._consumer.channel
+        old.ack(9999)  # an unknown delivery tag: 406 PRECONDITION_FAILED closes the channel
+        rig.settle(0.1)
+        self.assertTrue(old.closed)
+        rig.settle(2)
+        self.assertTrue(svc.consuming)
+        self.assertIsNot(svc._consumer.channel, old)
+        call = Outcome(proxy.call("s1", "one"))
+        rig.settle(0.1)
+        self.assertEqual(call.value, 1)
+        self.assertTrue(any("closed the consumer channel" in t for t in self.warnings.texts),
+                        self.warnings.texts)
+
+
 class DeadlineTests(SynchronousTestCase):
     """Deadlines from ``expiration`` at receipt, the body's ``deadline`` as a bound."""
 
