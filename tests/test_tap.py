@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.usage import UsageError
 
@@ -23,6 +24,7 @@ from txcallme.errors import BrokerUnreachable, DeclarationRefused
 from txcallme.service import CallmeServerService
 from txcallme.tap import (
     EXIT_START_FAILED,
+    FAILED_START_STOP_TIMEOUT,
     KILL_MARGIN,
     JSONLogging,
     Options,
@@ -263,10 +265,11 @@ class FakeServer(Service):
         return self.ready
 
 
-class FakeReactor:
-    """Records stop() and system event triggers; running from the start."""
+class FakeReactor(Clock):
+    """A Clock that records stop() and system event triggers; running from the start."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.running = True
         self.stopped = False
         self.triggers: list[tuple[str, str, Any, tuple[Any, ...]]] = []
@@ -416,3 +419,36 @@ def test_metrics_port_per_worker(module: ModuleWriter) -> None:
     assert [worker_command(options, k)[-1] for k in (1, 2, 3)] == [
         "--metrics-port=9100", "--metrics-port=9101", "--metrics-port=9102"]
     assert options["metrics-interface"] == "127.0.0.1"
+
+
+class StuckServer(FakeServer):
+    """A server whose stopService never fires."""
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        super().stopService()
+        return Deferred()
+
+
+def test_stop_after_failed_start_is_bounded() -> None:
+    """After a failed first start, twistd's stop waits at most FAILED_START_STOP_TIMEOUT
+    for the server (nothing to drain), so the process exits even if the server hangs."""
+    server, reactor = StuckServer(), FakeReactor()
+    service = ServerRunner(server, reactor=reactor, exit=lambda status: None)  # type: ignore[arg-type]
+    service.startService()
+    server.ready.errback(BrokerUnreachable("localhost", 5672, "connection refused"))
+    stopping = service.stopService()
+    reactor.advance(FAILED_START_STOP_TIMEOUT - 0.1)
+    assert not stopping.called
+    reactor.advance(0.2)
+    assert stopping.called and reactor.getDelayedCalls() == []
+
+
+def test_stop_after_good_start_waits_for_the_server() -> None:
+    """A server that started normally gets all the time its own stop takes."""
+    server, reactor = StuckServer(), FakeReactor()
+    service = ServerRunner(server, reactor=reactor, exit=lambda status: None)  # type: ignore[arg-type]
+    service.startService()
+    server.ready.callback(None)
+    stopping = service.stopService()
+    reactor.advance(FAILED_START_STOP_TIMEOUT * 100)
+    assert not stopping.called
