@@ -287,8 +287,10 @@ class RabbitNode:
             ) -> subprocess.CompletedProcess[str]:
         """Run ``rabbitmqctl -n NODE ARGS``."""
         with self._adopting():
+            # cwd "/": the wrappers switch to the rabbitmq user, who may not
+            # be able to enter the caller's directory.
             result = subprocess.run(["rabbitmqctl", "-n", self.nodename, *args],
-                                    env=self.env(), capture_output=True, text=True,
+                                    env=self.env(), capture_output=True, text=True, cwd="/",
                                     timeout=timeout)
         self._reap()
         if check and result.returncode != 0:
@@ -307,7 +309,7 @@ class RabbitNode:
         with contextlib.suppress(FileNotFoundError):
             self.pid_file.unlink()
         with self._adopting():
-            result = subprocess.run(["rabbitmq-server", "-detached"], env=self.env(),
+            result = subprocess.run(["rabbitmq-server", "-detached"], env=self.env(), cwd="/",
                                     capture_output=True, text=True, timeout=30)
         if result.returncode != 0:
             raise RabbitNodeError(f"rabbitmq-server -detached failed ({result.returncode}): "

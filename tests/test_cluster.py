@@ -8,10 +8,12 @@ three addresses (its own node first), and a steady stream of calls (25 fast
 calls/s and 3 one-second calls/s) while one node is taken out and brought
 back:
 
-- a: the node a server instance is connected to (quorum queue led elsewhere);
-- b: the node leading the server's quorum queue (no client connected to it);
-- c: the node the Proxy is connected to;
-- classic: the home node of a classic durable server queue.
+- a: the node a server instance is connected to (quorum queue led elsewhere;
+  ``rabbitmqctl stop``);
+- b: the node leading the server's quorum queue, no client connected to it
+  (SIGKILL: a crash);
+- c: the node the Proxy is connected to (``stop_app``: the VM stays up);
+- classic: the home node of a classic durable server queue (``stop``, 8 s).
 
 Per call: how its Deferred ended (answered with the right value, failed, and
 with which error), never fired (lost), fired more than once (a duplicate
@@ -485,10 +487,11 @@ def new_server_id() -> str:
 
 async def lose_node(harness: Harness, stream: Stream, node: RabbitNode, how: str,
                     outage: float | None = None,
-                    while_down: Callable[[], Awaitable[Any]] | None = None) -> dict[str, Any]:
+                    while_down: Callable[[], Awaitable[Any]] | None = None,
+                    settled: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Stream, take *node* out, wait for recovery (or *outage* seconds), bring it
     back, stream on; returns the timeline (seconds from the stop). *while_down*
-    runs once the node is down."""
+    runs once the node is down; the stream goes on until *settled* is true too."""
     cluster = harness.cluster
     harness.watch(stream)
     stream.start()
@@ -513,6 +516,9 @@ async def lose_node(harness: Harness, stream: Stream, node: RabbitNode, how: str
     if outage is not None:
         await wait_for(lambda: stream.recovered(stopped_at, now()), RECOVERY_BOUND,
                        f"calls to succeed again after {node.nodename} came back")
+    if settled is not None:
+        await wait_for(settled, RECOVERY_BOUND + 15, "the servers to settle")
+        timeline["settled_s"] = round(now() - stopped_at, 2)
     await sleep(2.0)
     await stream.stop()
     await stream.settle()
@@ -586,7 +592,7 @@ async def test_b_lose_the_quorum_leader(cluster: RabbitCluster, harness: Harness
 @pytest_twisted.ensureDeferred
 async def test_c_lose_the_proxys_node(cluster: RabbitCluster, harness: Harness,
                                       events: LogEvents) -> None:
-    """Stopping the Proxy's node: the calls it had in flight fail at once with
+    """Stopping the Proxy's node (stop_app): the calls it had in flight fail at once with
     BrokerConnectionLost, it reconnects to the next node, and calls made meanwhile
     wait for it and are answered; none lost or answered twice."""
     n0, n1, n2 = cluster.nodes
@@ -595,7 +601,7 @@ async def test_c_lose_the_proxys_node(cluster: RabbitCluster, harness: Harness,
     await harness.server(sid, n1, "s1")
     proxy = await harness.proxy(n2)
     stream = Stream(proxy, sid)
-    timeline = await lose_node(harness, stream, n2, "stop")
+    timeline = await lose_node(harness, stream, n2, "stop_app")
     stopped_at = timeline["stopped_at"]
     data = summarize(stream, harness.executions, events, stopped_at)
     data.update({k: v for k, v in timeline.items() if k != "stopped_at"})
@@ -651,8 +657,10 @@ async def test_classic_queue_on_the_lost_node(cluster: RabbitCluster, harness: H
         finally:
             await connection.close()
 
-    timeline = await lose_node(harness, stream, n0, "stop", outage=CLASSIC_OUTAGE,
-                               while_down=declare_on_n1)
+    timeline = await lose_node(
+        harness, stream, n0, "stop", outage=CLASSIC_OUTAGE, while_down=declare_on_n1,
+        settled=lambda: all(harness.short(svc) in ("n0", "n1", "n2")
+                            for svc in harness.servers))
     await declare_on_n1()  # and after n0 is back
     stopped_at = timeline["stopped_at"]
     data = summarize(stream, harness.executions, events, stopped_at)
