@@ -199,6 +199,8 @@ class Channel:
         self._returns: dict[int, Returned] = {}
         self._held = 0
         self._rpcs: deque[_Rpc] = deque()
+        self._heads: dict[tuple[str, str, bool], bytes] = {}
+        self._props_fields = tables().props
         self._closing: list[Deferred[None]] | None = None
         self._consumers: dict[str, Callable[[Delivery], None]] = {}
         self.on_close: list[Callable[[CallmeError], None]] = []
@@ -369,36 +371,47 @@ class Channel:
         """
         if self.state is not ChannelState.OPEN:
             raise self._closed_error()
-        ch = self.id
-        proto = self._proto
+        head = self._heads.get((exchange, routing_key, mandatory))
         try:
-            args = (b"\x00\x00" + _codec.encode_shortstr(exchange)
-                    + _codec.encode_shortstr(routing_key) + (b"\x01" if mandatory else b"\x00"))
-            props = _properties.encode_properties(tables().props, properties)
+            if head is None:
+                head = self._publish_head(exchange, routing_key, mandatory)
+            props = _properties.encode_properties(self._props_fields, properties)
+            if not isinstance(body, (bytes, bytearray)):
+                raise TypeError(f"body must be bytes, not {type(body).__name__}")
         except _ENCODE_ERRORS as e:
             raise EncodeError("basic.publish", str(e).strip("'\"")) from None
-        data = (_frames.method_frame(ch, 60, 40, args)
-                + _frames.content_frames(ch, 60, body, props, proto.MAX_LENGTH))
+        parts = _frames.content_parts(self.id, 60, body, props, self._proto.MAX_LENGTH)
+        parts.insert(0, head)
         connection = self.connection
         if self.confirming:
             self._next_tag = seq = self._next_tag + 1
             match = (exchange, routing_key, properties.get("correlation_id")) if mandatory \
                 else None
             if connection.blocked_reason is not None:
-                connection.hold(self, seq, match, data)
+                connection.hold(self, seq, match, parts)
             else:
-                self._write_confirmed(seq, match, data)
+                self._write_confirmed(seq, match, parts)
             return seq
         if connection.blocked_reason is not None:
-            connection.hold(self, 0, None, data)
+            connection.hold(self, 0, None, parts)
         else:
-            proto.write(data)
+            self._proto.write_parts(parts)
         return 0
 
-    def _write_confirmed(self, seq: int, match: _Match, data: bytes) -> None:
+    def _publish_head(self, exchange: str, routing_key: str, mandatory: bool) -> bytes:
+        """The basic.publish method frame for a destination, built once."""
+        args = (b"\x00\x00" + _codec.encode_shortstr(exchange)
+                + _codec.encode_shortstr(routing_key) + (b"\x01" if mandatory else b"\x00"))
+        head = _frames.method_frame(self.id, 60, 40, args)
+        if len(self._heads) >= 1024:
+            self._heads.clear()
+        self._heads[(exchange, routing_key, mandatory)] = head
+        return head
+
+    def _write_confirmed(self, seq: int, match: _Match, parts: list[bytes]) -> None:
         self._broker_seq = broker_seq = self._broker_seq + 1
         self._unconfirmed[broker_seq] = (seq, match)
-        self._proto.write(data)
+        self._proto.write_parts(parts)
 
     def withdraw(self, seq: int) -> bool:
         """Take back a publish held while the connection is blocked.
@@ -601,7 +614,7 @@ class Connection:
         self.on_blocked: list[Callable[[str | None], None]] = []
         self.server_properties: dict[str, Any] = {}
         self.address: tuple[str, int] = params.hosts[0]
-        self._held: deque[tuple[Channel, int, _Match, bytes]] = deque()
+        self._held: deque[tuple[Channel, int, _Match, list[bytes]]] = deque()
         self._last_id = 0
 
     @property
@@ -681,14 +694,14 @@ class Connection:
                 if seq and channel.confirming:
                     channel._write_confirmed(seq, match, data)
                 else:
-                    self.protocol.write(data)
+                    self.protocol.write_parts(data)
         for callback in list(self.on_blocked):
             try:
                 callback(self.blocked_reason)
             except Exception:
                 log.failure("blocked callback failed")
 
-    def hold(self, channel: Channel, seq: int, match: _Match, data: bytes) -> None:
+    def hold(self, channel: Channel, seq: int, match: _Match, data: list[bytes]) -> None:
         """Keep a publish until the connection is unblocked."""
         channel._held += 1
         self._held.append((channel, seq, match, data))
@@ -706,7 +719,7 @@ class Connection:
 
     def drop_held(self, channel: Channel) -> list[int]:
         """Drop every publish held for *channel*; return their numbers."""
-        kept: deque[tuple[Channel, int, _Match, bytes]] = deque()
+        kept: deque[tuple[Channel, int, _Match, list[bytes]]] = deque()
         dropped = []
         for item in self._held:
             if item[0] is channel:

@@ -19,6 +19,7 @@ FRAME_END_BYTE = b"\xce"
 
 _H = struct.Struct(">H")
 _Q = struct.Struct(">Q")
+_QB = struct.Struct(">QB")
 _FRAME_HEAD = struct.Struct(">BHI")
 _METHOD_HEAD = struct.Struct(">HH")
 CONTENT_HEAD = struct.Struct(">HHQ")
@@ -51,6 +52,54 @@ def content_frames(
     return b"".join(parts)
 
 
+def content_parts(
+    channel: int, class_id: int, body: bytes, properties: bytes, frame_max: int
+) -> list[bytes]:
+    """Like :func:`content_frames`, as pieces for ``writeSequence``: the body is
+    not copied when it fits one frame."""
+    size = len(body)
+    parts = [frame(FRAME_HEADER, channel, CONTENT_HEAD.pack(class_id, 0, size) + properties)]
+    if not size:
+        return parts
+    chunk = frame_max - 8 if frame_max > 8 else size  # frame_max 0: no limit
+    if size <= chunk:
+        parts += (_FRAME_HEAD.pack(FRAME_BODY, channel, size), body, FRAME_END_BYTE)
+        return parts
+    for start in range(0, size, chunk):
+        piece = body[start : start + chunk]
+        parts += (_FRAME_HEAD.pack(FRAME_BODY, channel, len(piece)), piece, FRAME_END_BYTE)
+    return parts
+
+
+def decode_deliver(payload: bytes) -> tuple[str, int, bool, str, str]:
+    """(consumer tag, delivery tag, redelivered, exchange, routing key) of a
+    basic.deliver method frame payload, read without the generic decoder."""
+    try:
+        n = payload[4]
+        pos = 5 + n
+        consumer_tag = payload[5:pos].decode("utf-8", "surrogateescape")
+        delivery_tag, flags = _QB.unpack_from(payload, pos)
+        pos += 9
+        n = payload[pos]
+        exchange = payload[pos + 1 : pos + 1 + n].decode("utf-8", "surrogateescape")
+        pos += 1 + n
+        n = payload[pos]
+        routing_key = payload[pos + 1 : pos + 1 + n].decode("utf-8", "surrogateescape")
+    except (IndexError, struct.error):
+        raise DecodeError("truncated basic.deliver") from None
+    if pos + 1 + n > len(payload):
+        raise DecodeError("truncated basic.deliver")
+    return consumer_tag, delivery_tag, bool(flags & 1), exchange, routing_key
+
+
+def decode_ack(payload: bytes) -> tuple[int, bool]:
+    """(delivery tag, multiple) of a basic.ack or basic.nack method frame payload."""
+    if len(payload) < 13:
+        raise DecodeError("truncated basic.ack")
+    tag, flags = _QB.unpack_from(payload, 4)
+    return tag, bool(flags & 1)
+
+
 def split_frame(buffer: bytes | bytearray, pos: int) -> tuple[int, int, int, int] | None:
     """If a whole frame starts at *pos*: (type, channel, payload start, payload end)."""
     if len(buffer) - pos < 7:
@@ -74,11 +123,10 @@ def decode_content_header(
     payload: bytes, fields: Sequence[tuple[str, str]]
 ) -> tuple[int, int, dict[str, Any]]:
     """(class id, body size, properties) of a content header frame payload."""
-    reader = Reader(payload)
-    class_id = reader.unpack(_H)
-    reader.unpack(_H)  # weight, always 0
-    size = reader.unpack(_Q)
-    return class_id, size, decode_properties(fields, reader)
+    if len(payload) < 14:
+        raise DecodeError("content header frame too short")
+    class_id, _, size = CONTENT_HEAD.unpack_from(payload, 0)  # weight is always 0
+    return class_id, size, decode_properties(fields, Reader(payload, CONTENT_HEAD.size))
 
 
 def decode_content_header_size(payload: bytes) -> tuple[int, int]:

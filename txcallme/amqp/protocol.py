@@ -160,30 +160,54 @@ class Protocol(AMQClient):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self._last_received = self.clock.seconds()
         buf = self._buffer
-        buf += data
-        if buf[:4] == b"AMQP":
-            log.error("broker refused the protocol version: {header!r}", header=bytes(buf[:8]))
+        if buf:  # a frame started in an earlier read
+            buf += data
+            try:
+                if _frames.split_frame(buf, 0) is None:
+                    return  # still incomplete: keep accumulating, copy nothing
+            except Exception:
+                log.failure("bad frame from the broker; dropping the connection")
+                self.transport.abortConnection()
+                return
+            view = bytes(buf)
+            buf.clear()
+        else:
+            view = bytes(data)
+        if view[:4] == b"AMQP":
+            log.error("broker refused the protocol version: {header!r}", header=view[:8])
             self.transport.loseConnection()
             return
         pos = 0
         try:
             while True:
-                found = _frames.split_frame(buf, pos)
+                found = _frames.split_frame(view, pos)
                 if found is None:
                     break
                 kind, channel, start, end = found
-                self._frame(kind, channel, bytes(buf[start:end]))
+                self._frame(kind, channel, view[start:end])
                 pos = end + 1
                 if self.transport.disconnecting:
                     break
         except Exception:
             log.failure("bad frame from the broker; dropping the connection")
             self.transport.abortConnection()
-        del buf[:pos]
+            return
+        if pos < len(view):
+            buf += view[pos:]
 
     def _frame(self, kind: int, channel: int, payload: bytes) -> None:
         if kind == _frames.FRAME_METHOD:
             key = _frames.decode_method_head(payload)
+            if channel:
+                if key == _DELIVER:
+                    self._partial[channel] = _Partial(key, _frames.decode_deliver(payload))
+                    return
+                if key == _ACK or key == _NACK:
+                    wrapper = self.connection.channels.get(channel)
+                    if wrapper is not None:
+                        tag, multiple = _frames.decode_ack(payload)
+                        wrapper.confirmed(tag, multiple, key == _ACK)
+                    return
             info = self.tables.by_key[key]
             args = _codec.decode_arguments(info.types, payload, 4)
             if channel == 0:
@@ -196,8 +220,6 @@ class Protocol(AMQClient):
             wrapper = self.connection.channels.get(channel)
             if wrapper is None:
                 log.warn("{name} for unknown channel {id}", name=info.name, id=channel)
-            elif key == _ACK or key == _NACK:
-                wrapper.confirmed(args[0], args[1], key == _ACK)
             else:
                 wrapper.method_received(info, args)
         elif kind == _frames.FRAME_HEADER:
@@ -283,6 +305,10 @@ class Protocol(AMQClient):
     def write(self, data: bytes) -> None:
         """Write precomputed frames (publishes, acks, control methods) to the transport."""
         self.transport.write(data)
+
+    def write_parts(self, parts: list[bytes]) -> None:
+        """Write frames given as pieces (a publish), without joining them first."""
+        self.transport.writeSequence(parts)
 
     # -- heartbeats ----------------------------------------------------------
 
