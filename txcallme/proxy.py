@@ -27,7 +27,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txcallme import _wire
+from txcallme import _wire, callme_compat
 from txcallme._deadlines import Deadline, Deadlines
 from txcallme._destinations import DIRECT_REPLY_TO, Destination, Sent
 from txcallme.amqp import (
@@ -123,6 +123,7 @@ class Proxy:
         serializer: Serializer = JSON,
         max_body_size: int = 64 * 1024 * 1024,
         direct_reply_to: bool = False,
+        callme_compat: bool = False,
         reactor: Any = None,
     ) -> None:
         if reactor is None:
@@ -140,6 +141,11 @@ class Proxy:
         self.on_reply_names: list[Callable[[str, str], None]] = []
         #: replies come through RabbitMQ's Direct Reply-to (no reply queue)
         self.direct_reply_to = direct_reply_to
+        #: speak callme 0.2.0's format (pickle, routing key '') to callme Servers
+        self.callme_compat = callme_compat
+        if callme_compat and direct_reply_to:
+            raise ValueError("callme_compat=True cannot use direct_reply_to: callme "
+                             "servers declare the reply exchange")
         self.exchange = ""
         self.queue = ""
         if not direct_reply_to:
@@ -203,9 +209,12 @@ class Proxy:
                 return fail(e)
         deadline = self._reactor.seconds() + timeout
         try:
-            body = _wire.encode_request(self.serializer, _wire.Request(
-                method, list(args), dict(kwargs or {}), time.time() + timeout))
-        except CallmeError as e:
+            if self.callme_compat:  # TypeError for keyword arguments
+                body = callme_compat.encode_request(method, args, kwargs)
+            else:
+                body = _wire.encode_request(self.serializer, _wire.Request(
+                    method, list(args), dict(kwargs or {}), time.time() + timeout))
+        except (CallmeError, TypeError) as e:
             return fail(e)
         corr = os.urandom(12).hex()  # 96 random bits: not guessable
         d: Deferred[Any] = Deferred(lambda _: self._forget(corr))
@@ -276,6 +285,8 @@ class Proxy:
             await channel.declare_exchange(exchange, "direct", auto_delete=True)
             await channel.declare_queue(queue, exclusive=True, auto_delete=True)
             await channel.bind_queue(queue, exchange, exchange)
+            if self.callme_compat:  # callme servers reply with routing key ''
+                await channel.bind_queue(queue, exchange, callme_compat.ROUTING_KEY)
             await channel.consume(queue, self._reply, no_ack=True, exclusive=True)
         except BaseException:
             channel.close()
@@ -411,7 +422,8 @@ class Proxy:
         destination = self._destinations.get(call.server_id)
         if destination is None or destination.dead:
             destination = self._destinations[call.server_id] = Destination(
-                connection, _wire.server_exchange(call.server_id), call.server_id,
+                connection, _wire.server_exchange(call.server_id),
+                callme_compat.ROUTING_KEY if self.callme_compat else call.server_id,
                 self._returned, self._refused, self._destination_closed,
                 replies=self._reply if self.direct_reply_to else None, taken=self._taken)
         call.destination = destination
@@ -428,7 +440,8 @@ class Proxy:
             destination.want_taken = True
         remaining = call.deadline - now
         call.seq = destination.send(corr, call.body, {
-            "content_type": self.serializer.content_type, "correlation_id": corr,
+            "content_type": callme_compat.CONTENT_TYPE if self.callme_compat
+            else self.serializer.content_type, "correlation_id": corr,
             "reply_to": self._reply_to, "expiration": str(max(1, int(remaining * 1000)))})
         if now - self._reply_checked_at >= REPLY_CHECK_INTERVAL and not self.direct_reply_to:
             self._check_reply_exchange(connection, now)
@@ -515,7 +528,7 @@ class Proxy:
             self._fail(corr, Failure(ServerUnavailable(call.server_id, "no queue is bound")))
 
     def _refused(self, destination: Destination, sent: list[Sent], error: CallmeError) -> None:
-        server_id = destination.routing_key
+        server_id = _server_id(destination)
         if isinstance(error, NotFound):
             error = ServerUnavailable(server_id, f"exchange {destination.exchange} not found")
         elif not isinstance(error, (ChannelError, BrokerConnectionLost)):
@@ -549,8 +562,8 @@ class Proxy:
         self._flush()
 
     def _destination_closed(self, destination: Destination, error: CallmeError) -> None:
-        if self._destinations.get(destination.routing_key) is destination:
-            del self._destinations[destination.routing_key]
+        if self._destinations.get(_server_id(destination)) is destination:
+            del self._destinations[_server_id(destination)]
         if self.direct_reply_to and not self._closed:
             # the channel was also where the replies came: those are lost
             lost = BrokerConnectionLost(
@@ -625,8 +638,16 @@ class Proxy:
                     "less"))
             else:
                 call.deferred.errback(InvalidRequest(f"unreadable reply: {delivery.problem}"))
+        elif self.callme_compat and \
+                delivery.properties.get("content_type") == callme_compat.CONTENT_TYPE:
+            callme_compat.settle(call.deferred, self.errors, delivery.body)
         else:
             settle(call.deferred, self.serializer, self.errors, delivery.body)
+
+
+def _server_id(destination: Destination) -> str:
+    """The server id a destination sends to (its routing key is ``''`` for callme)."""
+    return destination.exchange[len("server_"):-len("_ex")]
 
 
 def settle(d: Deferred[Any], serializer: Serializer, errors: RemoteErrorRegistry,

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from txcallme import _introspect, _wire
+from txcallme import _introspect, _wire, callme_compat
 from txcallme.amqp import (
     Acker,
     Channel,
@@ -38,6 +38,7 @@ from txcallme.amqp import (
     backoff,
     connection_params,
 )
+from txcallme.callme_compat import CallmeDispatcher
 from txcallme.errors import (
     AccessRefused,
     BrokerConnectionLost,
@@ -188,6 +189,8 @@ class _Call:
     #: ``receipt-relative deadline - absolute deadline``: clock skew plus queue time
     skew: float | None
     blocking: bool = False
+    #: a callme 0.2.0 request (pickle): answered in callme's format
+    callme: bool = False
 
 
 @attrs.define(eq=False)
@@ -248,6 +251,7 @@ class CallmeServerService(Service):
         queue_expires: float = DEFAULT_QUEUE_EXPIRES,
         delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
         stop_timeout: float = 60.0,
+        callme_compat: bool = False,
         reactor: Any = None,
     ) -> None:
         if reactor is None:
@@ -281,6 +285,16 @@ class CallmeServerService(Service):
         self.dispatcher = Dispatcher(serializer, reactor=reactor, thread_pool=self._workers)
         if introspection:
             _introspect.install(self.dispatcher, server_id)
+        #: also answer unmodified callme 0.2.0 Proxies (pickle), told apart by
+        #: content type; declares callme's flags (see txcallme.callme_compat)
+        self.callme_compat = callme_compat
+        self._callme: CallmeDispatcher | None = None
+        if callme_compat:
+            if queue_type != "classic":
+                raise ValueError("callme_compat=True needs queue_type='classic' (callme's "
+                                 "queue flags)")
+            self._callme = CallmeDispatcher(
+                self.dispatcher, reactor=reactor, thread_pool=self._workers)
         self._session = Session(reactor, self.params, self._prepare, self._lost,
                                 name=f"server {server_id!r}", max_body_size=max_body_size,
                                 log=log)
@@ -444,7 +458,11 @@ class CallmeServerService(Service):
         decl = self.declarations
         used = acker
         try:
-            await decl.declare(channel)
+            if self._callme is not None:
+                await callme_compat.declare_server(channel, self.server_id,
+                                                   durable=self.durable)
+            else:
+                await decl.declare(channel)
             tag = await channel.consume(decl.queue, lambda d: self._request(used, d))
         except ChannelError as e:
             if e.code not in REFUSAL_CODES:
@@ -551,15 +569,18 @@ class CallmeServerService(Service):
         props = delivery.properties
         reply_to = props.get("reply_to")
         corr = props.get("correlation_id")
+        callme = self._callme is not None and \
+            props.get("content_type") == callme_compat.CONTENT_TYPE
         try:
-            request = self._decode(delivery)
+            request = self._decode(delivery, callme)
         except InvalidRequest as e:
             log.warn("bad request (correlation id {corr!r}, reply_to {reply_to!r}): {error}",
                      corr=corr, reply_to=reply_to, error=e)
             if reply_to:
-                body = _wire.encode_error(self.serializer, _wire.error_description(e, False))
+                body = callme_compat.encode_error(e) if callme else \
+                    _wire.encode_error(self.serializer, _wire.error_description(e, False))
                 self._reply(_Call(acker, tag, _wire.Request("", [], {}), reply_to, corr,
-                                  delivery.redelivered, None, None), body)
+                                  delivery.redelivered, None, None, callme=callme), body)
             else:
                 self._done(acker, tag)
             return
@@ -568,7 +589,8 @@ class CallmeServerService(Service):
             self._done(acker, tag)
             return
         deadline, skew = self._deadline(request, props, received)
-        call = _Call(acker, tag, request, reply_to, corr, delivery.redelivered, deadline, skew)
+        call = _Call(acker, tag, request, reply_to, corr, delivery.redelivered, deadline, skew,
+                     callme=callme)
         limit = self.declarations.delivery_limit
         if limit is not None and delivery.redelivered and _delivery_count(props) >= limit:
             log.error("request {method!r} (correlation id {corr!r}) was delivered {n} times "
@@ -632,7 +654,8 @@ class CallmeServerService(Service):
         if call.blocking:
             self._blocking_running += 1
         try:
-            d = self.dispatcher.dispatch(request, lambda: CallContext(
+            dispatcher = self._callme if call.callme and self._callme else self.dispatcher
+            d = dispatcher.dispatch(request, lambda: CallContext(
                 self.server_id, request.method, call.corr, call.reply_to, call.redelivered,
                 call.deadline))
         except Exception as e:  # dispatch never fails; if it did, still answer
@@ -649,12 +672,14 @@ class CallmeServerService(Service):
         if self.ack == "after_reply":
             acker.ack(tag)
 
-    def _decode(self, delivery: Delivery) -> _wire.Request:
+    def _decode(self, delivery: Delivery, callme: bool = False) -> _wire.Request:
         if delivery.problem:
             if delivery.size > self.max_body_size:
                 raise PayloadTooLarge(f"request of {delivery.size} bytes is over the "
                                       f"{self.max_body_size} byte limit")
             raise InvalidRequest(delivery.problem)
+        if callme:
+            return callme_compat.decode_request(delivery.body)
         content_type = delivery.properties.get("content_type")
         if content_type and content_type != self.serializer.content_type:
             raise InvalidRequest(f"content type {content_type!r} not accepted; this server "
@@ -662,13 +687,15 @@ class CallmeServerService(Service):
         return _wire.decode_request(self.serializer, delivery.body)
 
     def _reply(self, call: _Call, body: bytes) -> Deferred[None]:
-        props: dict[str, Any] = {"content_type": self.serializer.content_type}
+        props: dict[str, Any] = {"content_type": callme_compat.CONTENT_TYPE if call.callme
+                                 else self.serializer.content_type}
         if call.corr is not None:
             props["correlation_id"] = call.corr
         replies = self._replies
         if replies is None:  # the connection is gone; the broker will redeliver
             return succeed(None)
-        d = replies.publish(call.reply_to, call.reply_to, body, props)
+        key = callme_compat.ROUTING_KEY if call.callme else call.reply_to  # callme binds ''
+        d = replies.publish(call.reply_to, key, body, props)
         d.addCallbacks(lambda _: self._done(call.acker, call.tag),
                        lambda reason: self._reply_failed(call, reason))
         return d
