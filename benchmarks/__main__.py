@@ -196,7 +196,8 @@ def _wait_ready(proc: subprocess.Popen[str], timeout: float) -> bool:
     return False
 
 
-def run_once(w: dict[str, Any], duration: float, warmup: float, log: Any) -> dict[str, Any]:
+def run_once(w: dict[str, Any], duration: float, warmup: float, log: Any,
+             quick: bool = False) -> dict[str, Any]:
     """One repetition: server up, client run, server down; merged results."""
     sid = f"bench-{w['name']}-{uuid.uuid4().hex[:8]}"
     py = [sys.executable, "-m"]
@@ -210,6 +211,8 @@ def run_once(w: dict[str, Any], duration: float, warmup: float, log: Any) -> dic
                     "--warmup", str(warmup)] + w["opts"]
         if w.get("once"):  # a long run: no cap on calls
             cmd += ["--max-calls", str(10**12)]
+        elif quick and w["client"].startswith(("txcallme", "twistd")):
+            cmd += ["--timeout", "15"]  # a broken tree fails fast
         try:
             client = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
                                     timeout=duration + warmup + 120)
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 t = time.monotonic()
                 long_run = (soak, soak_warmup) if w.get("once") else (duration, warmup)
-                result = run_once(w, *long_run, log)
+                result = run_once(w, *long_run, log, quick=args.quick)
                 result.update(kind="run", workload=w["name"], rep=rep)
                 records.append(result)
                 status = result.get("error") or _brief(result)

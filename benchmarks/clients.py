@@ -39,6 +39,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--value", choices=["string", "records", "records-size-string"],
                    default="string", help="txcallme-echo: what is echoed")
     p.add_argument("--reply-bytes", type=int, default=1_000_000, help="txcallme-blob")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="txcallme: the Proxy's call timeout (the soak keeps the default 60 s: "
+                        "what finished calls may leave behind lives that long)")
     p.add_argument("--direct-reply-to", action="store_true",
                    help="txcallme: Proxy(direct_reply_to=True), replies through RabbitMQ's "
                         "Direct Reply-to")
@@ -66,8 +69,8 @@ async def txcallme_client(args: argparse.Namespace, rec: common.Recorder) -> dic
 
         observe.enable_everything()
     options = {"direct_reply_to": True} if args.direct_reply_to else {}
-    proxy = Proxy(common.HOST, common.PORT, common.USER, common.PASSWORD, timeout=60,
-                  **options)
+    proxy = Proxy(common.HOST, common.PORT, common.USER, common.PASSWORD,
+                  timeout=args.timeout, **options)
     await proxy.when_ready()
     sid = args.server_id
     rss = common.RSSSampler()
