@@ -144,7 +144,7 @@ async def test_quorum_delivery_limit_answers_a_poison_request(services: Services
 
     try:
         svc = await services.start_server(sid, {"crash": crash}, queue_type="quorum",
-                                          delivery_limit=2)
+                                          delivery_limit=2, stop_timeout=1)  # never end
         proxy = await services.ready_proxy(timeout=60)
         with pytest.raises(RemoteError) as info:
             await proxy.call(sid, "crash")
