@@ -17,6 +17,8 @@ uses only the names exported here.
 - :mod:`~txcallme.amqp.publisher`: publishing with confirms.
 - :mod:`~txcallme.amqp.acks`: acks coalesced per reactor turn.
 - :mod:`~txcallme.amqp.session`: a connection that comes back.
+- :mod:`~txcallme.amqp.memory`: an in-memory broker speaking real frames, for
+  tests (``ConnectionParams(connector=broker.connector())`` connects to it).
 """
 
 from txcallme.amqp.acks import Acker
@@ -31,6 +33,7 @@ from txcallme.amqp.channel import (
     Returned,
 )
 from txcallme.amqp.endpoint import BrokerEndpoint
+from txcallme.amqp.memory import MemoryBroker
 from txcallme.amqp.params import (
     ConnectionParams,
     TLSSettings,
@@ -53,6 +56,7 @@ __all__ = [
     "connection_params",
     "ConnectionParams",
     "Delivery",
+    "MemoryBroker",
     "Outcome",
     "parse_url",
     "parse_urls",

@@ -286,7 +286,7 @@ class MemoryBroker:
         for consumer in list(queue.consumers):
             consumer.channel.consumers.pop(consumer.tag, None)
             consumer.channel.connection.send_method(
-                consumer.channel.id, (60, 30), (consumer.tag, False))
+                consumer.channel.id, (60, 30), (consumer.tag, True))  # no-wait, as RabbitMQ
         queue.consumers.clear()
         self._unbind_everywhere(name)
 
