@@ -452,3 +452,15 @@ def test_stop_after_good_start_waits_for_the_server() -> None:
     stopping = service.stopService()
     reactor.advance(FAILED_START_STOP_TIMEOUT * 100)
     assert not stopping.called
+
+
+def test_callme_compat(module: ModuleWriter) -> None:
+    """--callme-compat reaches the service (off by default); with a quorum queue it is
+    a UsageError."""
+    name = module(ADD)
+    assert make_server(parse("--server-id", "foo", "--module", name,
+                             "--callme-compat")).callme_compat is True
+    assert make_server(parse("--server-id", "foo", "--module", name)).callme_compat is False
+    with pytest.raises(UsageError, match="classic"):
+        parse("--server-id", "foo", "--module", name, "--callme-compat", "--queue-type",
+              "quorum")

@@ -118,6 +118,8 @@ class Options(usage.Options):
         ["no-verify-hostname", None, "Do not check the broker certificate's host name."],
         ["shuffle-hosts", None, "Try the broker nodes in a random order (spreads "
          "instances over a cluster)."],
+        ["callme-compat", None, "Also answer unmodified callme 0.2.0 Proxies (their "
+         "requests are pickles: only for callers you trust)."],
     ]
 
     def __init__(self) -> None:
@@ -146,6 +148,9 @@ class Options(usage.Options):
             self["params"] = _params(self)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        if self["callme-compat"] and self["queue-type"] != "classic":
+            raise usage.UsageError("--callme-compat needs --queue-type classic (callme's "
+                                   "queue flags)")
         module = import_module(self["module"])
         self["functions"] = exposed_functions(module)
 
@@ -497,7 +502,8 @@ def make_server(options: Options) -> CallmeServerService:
     service = CallmeServerService(
         options["server-id"], params=options["params"], threading=threads > 0,
         threads=max(threads, 1), prefetch=options["prefetch"],
-        queue_type=options["queue-type"], stop_timeout=options["stop-timeout"])
+        queue_type=options["queue-type"], stop_timeout=options["stop-timeout"],
+        callme_compat=bool(options["callme-compat"]))
     for name, func in options["functions"].items():
         service.register_function(func, name)
     return service
