@@ -27,7 +27,9 @@ CASES = [
     ("unknown-field", {"method": "add", "args": [1, 2], "colour": "red"}, {}),
     ("wrong-content-type", {"method": "add", "args": [1, 2]},
      {"content_type": "text/plain"}),
-    ("late", {"method": "add", "args": [1, 2], "deadline": time.time() - 60}, {}),
+    # past its deadline and without an expiration (which would win: see README)
+    ("late", {"method": "add", "args": [1, 2], "deadline": time.time() - 60},
+     {"expiration": None}),
     ("ping", {"method": "__callme__.ping"}, {}),
     ("describe", {"method": "__callme__.describe"}, {}),
 ]
@@ -58,6 +60,7 @@ def main(url: str, server_id: str) -> None:
         corr = f"{case}-{uuid.uuid4().hex[:8]}"
         props = {"correlation_id": corr, "reply_to": exchange,
                  "content_type": "application/json", "expiration": expiration, **extra}
+        props = {k: v for k, v in props.items() if v is not None}
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         channel.basic_publish(server_exchange, server_id, raw,
                               pika.BasicProperties(**props), mandatory=True)
