@@ -106,12 +106,14 @@ def _has_processes() -> bool:
 
 
 def _has_direct_reply_to() -> bool:
-    """``Proxy(direct_reply_to=True)``."""
+    """``Proxy(direct_reply_to=True)``, and a server that replies to it (through the
+    default exchange, as RabbitMQ requires for ``amq.rabbitmq.reply-to``)."""
     import inspect
 
-    from txcallme import Proxy
+    from txcallme import Proxy, service
 
-    return "direct_reply_to" in inspect.signature(Proxy).parameters
+    return ("direct_reply_to" in inspect.signature(Proxy).parameters
+            and "amq.rabbitmq" in inspect.getsource(service))
 
 
 #: feature name -> is it in this tree?
