@@ -32,7 +32,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from txcallme.amqp import ConnectionParams, connection_params
-from txcallme.amqp.memory import MemoryBroker as AMQPMemoryBroker
+from txcallme.amqp import MemoryBroker as AMQPMemoryBroker
 from txcallme.proxy import Proxy
 from txcallme.serializers import JSON, Serializer
 from txcallme.service import CallmeServerService
