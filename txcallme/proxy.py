@@ -447,13 +447,14 @@ class Proxy:
             self._check_reply_exchange(connection, now)
 
     def _taken(self, destination: Destination) -> None:
-        check = self._checks.get(destination.routing_key)
+        server_id = _server_id(destination)
+        check = self._checks.get(server_id)
         connection = self._live
         if check is not None and check.since is not None and not check.running \
                 and connection is not None:
             check.running = True
             Deferred.fromCoroutine(self._count_consumers(
-                connection, destination.routing_key, check))
+                connection, server_id, check))
 
     # -- checks with passive declares ------------------------------------------
 
