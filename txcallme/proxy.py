@@ -27,7 +27,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txcallme import _wire, callme_compat
+from txcallme import _wire, callme_compat, observe
 from txcallme._deadlines import Deadline, Deadlines
 from txcallme._destinations import DIRECT_REPLY_TO, Destination, Sent
 from txcallme.amqp import (
@@ -91,6 +91,7 @@ class _Call:
     entry: Deadline | None = None
     #: where its request is (sent or confirmed); None while it is not out
     destination: Destination | None = None
+    observed: observe.Call | None = None
     #: its confirm number on that destination (0: waiting for the channel)
     seq: int = 0
 
@@ -170,6 +171,7 @@ class Proxy:
         self._reply_checked_at = float("-inf")
         self._control: Channel | None = None
         self._closed = False
+        self._observer = observe.ClientObserver()
         self._session = Session(reactor, self.params, self._prepare, self._lost,
                                 name="proxy", max_body_size=max_body_size, log=log)
         self._session.start()
@@ -219,6 +221,10 @@ class Proxy:
         corr = os.urandom(12).hex()  # 96 random bits: not guessable
         d: Deferred[Any] = Deferred(lambda _: self._forget(corr))
         call = _Call(server_id, method, d, timeout, deadline, body)
+        observed = self._observer.client_call(server_id, method, corr)
+        if observed.live:  # the span and metrics end when d fires
+            call.observed = observed
+            d.addBoth(observed.done)
         self._pending[corr] = call
         call.entry = self._deadlines.add(deadline, corr)
         if self._live is not None:
@@ -272,6 +278,8 @@ class Proxy:
             await self._consume_replies(connection)
         # a grace period for servers to come back applies to reconnections only
         self._connected_at = self._reactor.seconds() if self._session.ever_connected else None
+        if self._session.ever_connected:
+            self._observer.reconnected()
         self._flush()
 
     async def _consume_replies(self, connection: Connection) -> None:
@@ -442,7 +450,8 @@ class Proxy:
         call.seq = destination.send(corr, call.body, {
             "content_type": callme_compat.CONTENT_TYPE if self.callme_compat
             else self.serializer.content_type, "correlation_id": corr,
-            "reply_to": self._reply_to, "expiration": str(max(1, int(remaining * 1000)))})
+            "reply_to": self._reply_to, "expiration": str(max(1, int(remaining * 1000))),
+            "headers": call.observed.headers() if call.observed is not None else None})
         if now - self._reply_checked_at >= REPLY_CHECK_INTERVAL and not self.direct_reply_to:
             self._check_reply_exchange(connection, now)
 

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from txcallme import _introspect, _wire, callme_compat
+from txcallme import _introspect, _wire, callme_compat, observe
 from txcallme.amqp import (
     Acker,
     Channel,
@@ -191,6 +191,9 @@ class _Call:
     blocking: bool = False
     #: a callme 0.2.0 request (pickle): answered in callme's format
     callme: bool = False
+    #: the message's headers table (the caller's trace context), and what observes the run
+    headers: Any = None
+    observed: observe.Call = observe.NULL_CALL
 
 
 @attrs.define(eq=False)
@@ -295,6 +298,9 @@ class CallmeServerService(Service):
                                  "queue flags)")
             self._callme = CallmeDispatcher(
                 self.dispatcher, reactor=reactor, thread_pool=self._workers)
+        self._observer = observe.ServerObserver(
+            server_id, self.dispatcher.handlers, serializer=serializer,
+            busy_threads=(lambda: self._blocking_running) if threading else None)
         self._session = Session(reactor, self.params, self._prepare, self._lost,
                                 name=f"server {server_id!r}", max_body_size=max_body_size,
                                 log=log)
@@ -439,6 +445,8 @@ class CallmeServerService(Service):
             log.warn("reconnected while stopping: not consuming again")
             return
         await self._consume(connection)
+        if self._served:
+            self._observer.reconnected()
         self._served = True
         log.info("serving {server_id!r}: {names}", server_id=self.server_id,
                  names=", ".join(self.dispatcher.handlers))
@@ -571,11 +579,15 @@ class CallmeServerService(Service):
         corr = props.get("correlation_id")
         callme = self._callme is not None and \
             props.get("content_type") == callme_compat.CONTENT_TYPE
+        if delivery.redelivered:
+            self._observer.redelivered()
         try:
             request = self._decode(delivery, callme)
         except InvalidRequest as e:
+            self._observer.refused(observe.refusal_reason(e), None, corr, props.get("headers"), e)
             log.warn("bad request (correlation id {corr!r}, reply_to {reply_to!r}): {error}",
-                     corr=corr, reply_to=reply_to, error=e)
+                     corr=corr, reply_to=reply_to, error=e, server_id=self.server_id,
+                     method=None, correlation_id=corr)
             if reply_to:
                 body = callme_compat.encode_error(e) if callme else \
                     _wire.encode_error(self.serializer, _wire.error_description(e, False))
@@ -585,18 +597,22 @@ class CallmeServerService(Service):
                 self._done(acker, tag)
             return
         if not reply_to:
-            log.warn("request {method!r} has no reply_to: not run", method=request.method)
+            self._observer.refused("invalid", request.method, corr, props.get("headers"),
+                                   InvalidRequest("request has no reply_to: not run"))
+            log.warn("request {method!r} has no reply_to: not run", method=request.method,
+                     server_id=self.server_id, correlation_id=corr)
             self._done(acker, tag)
             return
         deadline, skew = self._deadline(request, props, received)
         call = _Call(acker, tag, request, reply_to, corr, delivery.redelivered, deadline, skew,
                      callme=callme)
+        call.headers = props.get("headers")
         limit = self.declarations.delivery_limit
         if limit is not None and delivery.redelivered and _delivery_count(props) >= limit:
             log.error("request {method!r} (correlation id {corr!r}) was delivered {n} times "
                       "without an answer (it keeps crashing servers?): answered with an "
                       "error, not run again", method=request.method, corr=corr,
-                      n=_delivery_count(props))
+                      n=_delivery_count(props), server_id=self.server_id, correlation_id=corr)
             error = DeliveryLimitReached(
                 f"{request.method}() was delivered {_delivery_count(props)} times without "
                 f"an answer (servers died running it): not run again")
@@ -647,15 +663,18 @@ class CallmeServerService(Service):
             log.warn("request {method!r} (correlation id {corr!r}) is {late:.3f} s past its "
                      "deadline: not run (estimated clock skew plus queue time: {skew})",
                      method=request.method, corr=call.corr, late=now - call.deadline,
-                     skew="unknown" if call.skew is None else f"{call.skew:.3f} s")
+                     skew="unknown" if call.skew is None else f"{call.skew:.3f} s",
+                     server_id=self.server_id, correlation_id=call.corr)
+            self._observer.refused("stale", request.method, call.corr, call.headers)
             self._done(call.acker, call.tag)
             return
+        call.observed = self._observer.server_call(request.method, call.corr, call.headers)
         self._in_flight += 1
         if call.blocking:
             self._blocking_running += 1
         try:
             dispatcher = self._callme if call.callme and self._callme else self.dispatcher
-            d = dispatcher.dispatch(request, lambda: CallContext(
+            d = call.observed.run(dispatcher.dispatch, request, lambda: CallContext(
                 self.server_id, request.method, call.corr, call.reply_to, call.redelivered,
                 call.deadline))
         except Exception as e:  # dispatch never fails; if it did, still answer
@@ -663,8 +682,11 @@ class CallmeServerService(Service):
             error = ServiceError(f"the server could not start {request.method}(): {e}")
             d = succeed(_wire.encode_error(self.serializer, _wire.error_description(error,
                                                                                     False)))
+        if call.observed.live:  # the span and metrics end with the reply body
+            d.addCallback(call.observed.replied)
         d.addCallback(lambda body: self._reply(call, body))
-        d.addErrback(lambda f: log.failure("dispatch failed", f))
+        d.addErrback(lambda f: log.failure("dispatch failed", f, server_id=self.server_id,
+                                           method=request.method, correlation_id=call.corr))
         d.addBoth(self._finished, call)
 
     def _done(self, acker: Acker, tag: int) -> None:

@@ -1,0 +1,294 @@
+"""Traces and metrics through the real broker: spans across the broker hop, refusals,
+and a Prometheus scrape whose counts equal the calls made."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from _brokerctl import RawClient, request_body
+from conftest import Services, sleep
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client.parser import text_string_to_metric_families
+from test_observe import Telemetry, telemetry_on
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.web.client import Agent, readBody
+
+from txcallme import RpcTimeout, UnknownMethod, observe
+from txcallme._metrics_http import metrics_site
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.filterwarnings("ignore:Using readBody")]
+
+
+@pytest.fixture
+def telemetry() -> Iterator[Telemetry]:
+    """Tracing, OTel metrics and Prometheus on (private SDK providers); off afterwards."""
+    yield from telemetry_on()
+
+
+async def finished(telemetry: Telemetry, count: int, timeout: float = 10.0) -> list[Any]:
+    """The finished spans, once there are *count* of them."""
+    end = time.monotonic() + timeout
+    while len(telemetry.finished()) < count:
+        assert time.monotonic() < end, f"spans: {[s.name for s in telemetry.finished()]}"
+        await sleep(0.02)
+    spans = telemetry.finished()
+    assert len(spans) == count, [s.name for s in spans]
+    return spans
+
+
+def one(spans: list[Any], kind: SpanKind) -> Any:
+    [span] = [s for s in spans if s.kind is kind]
+    return span
+
+
+async def scrape(port: int) -> str:
+    """GET /metrics over HTTP."""
+    agent = Agent(reactor)
+    response = await agent.request(b"GET", f"http://127.0.0.1:{port}/metrics".encode())
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type") == [
+        b"text/plain; version=0.0.4; charset=utf-8"]
+    return (await readBody(response)).decode()
+
+
+def values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a scrape, parsed by prometheus_client, by (name, labels)."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def count(got: dict[Any, float], side: str, sid: str, method: str, outcome: str) -> float:
+    return got.get((f"txcallme_{side}_call_duration_seconds_count",
+                    (("method", method), ("outcome", outcome), ("server_id", sid))), 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_span_is_a_child_of_the_client_span(
+        telemetry: Telemetry, services: Services, sid: str) -> None:
+    """One call: a CLIENT span and, through the request headers, its child SERVER span."""
+    await services.start_server(sid, {"add": lambda a, b: a + b})
+    proxy = await services.ready_proxy()
+    assert await proxy.call(sid, "add", 1, 2) == 3
+    spans = await finished(telemetry, 2)
+    client, server = one(spans, SpanKind.CLIENT), one(spans, SpanKind.SERVER)
+    assert client.name == server.name == f"{sid}/add"
+    assert server.parent is not None and server.parent.span_id == client.context.span_id
+    assert server.context.trace_id == client.context.trace_id
+    corr = client.attributes["messaging.message.conversation_id"]
+    assert len(corr) == 24 and server.attributes["messaging.message.conversation_id"] == corr
+    for span in (client, server):
+        assert span.attributes["rpc.system.name"] == "txcallme"
+        assert span.attributes["rpc.method"] == f"{sid}/add"
+        assert span.attributes["messaging.system"] == "rabbitmq"
+        assert span.attributes["messaging.destination.name"] == f"server_{sid}_ex"
+        assert span.status.status_code is StatusCode.UNSET
+    assert client.start_time < server.start_time <= server.end_time <= client.end_time
+    assert list(client.events) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_remote_error_spans(telemetry: Telemetry, services: Services, sid: str) -> None:
+    """A function that raises: both spans ERROR, with the exception type and event."""
+    await services.start_server(sid, {"div": lambda a, b: a / b})
+    proxy = await services.ready_proxy()
+    with pytest.raises(ZeroDivisionError):
+        await proxy.call(sid, "div", 1, 0)
+    spans = await finished(telemetry, 2)
+    for span in spans:
+        assert span.status.status_code is StatusCode.ERROR, span.kind
+        assert span.attributes["error.type"] == "ZeroDivisionError"
+        [event] = span.events
+        assert event.name == "exception"
+        assert event.attributes["exception.type"] == "ZeroDivisionError"
+    server = one(spans, SpanKind.SERVER)
+    assert "ZeroDivisionError: division by zero" in server.events[0].attributes[
+        "exception.stacktrace"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeout_span(telemetry: Telemetry, services: Services, sid: str) -> None:
+    """A call that times out ends its CLIENT span in ERROR with RpcTimeout."""
+    async def slow() -> str:
+        await deferLater(reactor, 1.0, lambda: None)
+        return "late"
+
+    await services.start_server(sid, {"slow": slow})
+    proxy = await services.ready_proxy()
+    with pytest.raises(RpcTimeout):
+        await proxy.invoke(sid, "slow", timeout=0.3)
+    [client] = telemetry.finished()
+    assert client.kind is SpanKind.CLIENT
+    assert client.status.status_code is StatusCode.ERROR
+    assert client.attributes["error.type"] == "txcallme.errors.RpcTimeout"
+    assert client.events[-1].attributes["exception.type"] == "txcallme.errors.RpcTimeout"
+    spans = await finished(telemetry, 2)  # the server still finishes (and replies late)
+    assert one(spans, SpanKind.SERVER).status.status_code is StatusCode.UNSET
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_method_spans(telemetry: Telemetry, services: Services,
+                                    sid: str) -> None:
+    """A method the server lacks: SERVER span 'txcallme' with rpc.method _OTHER, both ERROR."""
+    await services.start_server(sid, {"add": lambda a, b: a + b})
+    proxy = await services.ready_proxy()
+    with pytest.raises(UnknownMethod):
+        await proxy.call(sid, "no_such_thing")
+    spans = await finished(telemetry, 2)
+    client, server = one(spans, SpanKind.CLIENT), one(spans, SpanKind.SERVER)
+    assert client.name == f"{sid}/no_such_thing"
+    assert server.name == "txcallme"
+    assert server.attributes["rpc.method"] == "_OTHER"
+    assert server.attributes["rpc.method_original"] == f"{sid}/no_such_thing"
+    assert server.parent.span_id == client.context.span_id
+    for span in spans:
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.attributes["error.type"] == "txcallme.errors.UnknownMethod"
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_requests_spans_and_counts(
+        telemetry: Telemetry, services: Services, sid: str) -> None:
+    """Stale, invalid and too-large requests: one ERROR span each, counted by reason; a
+    stale request's span continues the trace in its headers."""
+    ran: list[int] = []
+    await services.start_server(sid, {"mark": lambda x: ran.append(x) or x},
+                                max_body_size=1024)
+    client = await RawClient().open()
+    tracer = telemetry.tracer_provider.get_tracer("test")
+    try:
+        props = {"reply_to": client.exchange, "content_type": "application/json"}
+        with tracer.start_as_current_span("caller") as caller:
+            headers: dict[str, str] = {}
+            propagate.inject(headers)
+        stale = json.dumps({"method": "mark", "args": [1], "deadline": time.time() - 1})
+        client.send(sid, stale.encode(), correlation_id="stale", headers=headers, **props)
+        client.send(sid, b"{not json", correlation_id="bad", **props)
+        client.send(sid, request_body("mark", "x" * 2000), correlation_id="big", **props)
+        replies = [await client.next_reply(), await client.next_reply()]
+        assert sorted(r.properties["correlation_id"] for r in replies) == ["bad", "big"]
+        spans = await finished(telemetry, 4)  # the caller's span and three refusals
+    finally:
+        await client.close()
+    assert ran == []
+    refused = {s.attributes["txcallme.refused"]: s for s in spans if s.kind is SpanKind.SERVER}
+    assert sorted(refused) == ["invalid", "stale", "too_large"]
+    assert refused["stale"].parent.span_id == caller.get_span_context().span_id
+    assert refused["stale"].name == f"{sid}/mark"
+    assert refused["stale"].attributes["error.type"] == "txcallme.errors.RequestExpired"
+    assert refused["invalid"].attributes["error.type"] == "txcallme.errors.InvalidRequest"
+    assert refused["too_large"].attributes["error.type"] == "txcallme.errors.PayloadTooLarge"
+    assert all(s.status.status_code is StatusCode.ERROR for s in refused.values())
+    got = values(observe.prometheus_text())
+    for reason in ("stale", "invalid", "too_large"):
+        assert got[("txcallme_server_requests_refused_total",
+                    (("reason", reason), ("server_id", sid)))] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_prometheus_scrape_during_a_real_run(
+        telemetry: Telemetry, services: Services, sid: str) -> None:
+    """A scrape over HTTP in the middle of a run counts exactly the calls made, by outcome,
+    with the running call in flight and its pool thread busy."""
+    gate = threading.Event()
+
+    def wait() -> str:
+        gate.wait(20)
+        return "done"
+
+    await services.start_server(sid, {"add": lambda a, b: a + b, "div": lambda a, b: a / b,
+                                      "wait": wait}, threading=True, threads=2)
+    proxy = await services.ready_proxy()
+    port = reactor.listenTCP(0, metrics_site(observe.enable_prometheus()),
+                             interface="127.0.0.1")
+    try:
+        for i in range(5):
+            assert await proxy.call(sid, "add", i, 1) == i + 1
+        for _ in range(2):
+            with pytest.raises(ZeroDivisionError):
+                await proxy.call(sid, "div", 1, 0)
+        for name in ("nope", "drop_tables"):
+            with pytest.raises(UnknownMethod):
+                await proxy.call(sid, name)
+        running = proxy.call(sid, "wait")
+        await finished(telemetry, 18)
+        await sleep(0.2)  # the wait request reaches its pool thread
+        got = values(await scrape(port.getHost().port))
+        gate.set()
+        assert await running == "done"
+    finally:
+        gate.set()
+        await port.stopListening()
+    for side in ("client", "server"):
+        assert count(got, side, sid, "add", "ok") == 5
+        assert count(got, side, sid, "div", "error") == 2
+        assert count(got, side, sid, "_OTHER", "unknown_method") == 2
+        assert count(got, side, sid, "wait", "ok") == 0
+        assert got[(f"txcallme_{side}_calls_in_flight", (("server_id", sid),))] == 1
+    assert not any(dict(labels).get("method") in ("nope", "drop_tables") for _, labels in got)
+    assert got[("txcallme_server_pool_threads_busy", (("server_id", sid),))] == 1
+    bucket = got[("txcallme_client_call_duration_seconds_bucket",
+                  (("le", "+Inf"), ("method", "add"), ("outcome", "ok"), ("server_id", sid)))]
+    assert bucket == 5
+    points = {(p.attributes["rpc.method"], p.attributes["txcallme.outcome"]): p.count
+              for p in telemetry.points("rpc.server.call.duration")}
+    assert points == {(f"{sid}/add", "ok"): 5, (f"{sid}/div", "error"): 2,
+                      ("_OTHER", "unknown_method"): 2, (f"{sid}/wait", "ok"): 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_redelivery_and_reconnections_are_counted(
+        telemetry: Telemetry, services: Services, sid: str) -> None:
+    """A request redelivered after its server's connection died, and the server's and the
+    proxy's reconnections, are counted."""
+    gate = threading.Event()
+    runs: list[bool] = []
+
+    def work(x: int, context: Any) -> int:
+        runs.append(context.redelivered)
+        if not context.redelivered:
+            gate.wait(20)
+        return x
+
+    first = services.server(sid, threading=True, threads=2)
+    first.register_function(work, with_context=True)
+    await first.when_ready()
+    proxy = await services.ready_proxy(timeout=20)
+    try:
+        call = proxy.call(sid, "work", 7)
+        while not runs:
+            await sleep(0.05)
+        second = await services.start_server(sid)
+        second.register_function(work, with_context=True)
+        first._session.connection.protocol.transport.abortConnection()
+        assert await call == 7
+        assert runs == [False, True]
+        gate.set()
+        proxy._session.connection.protocol.transport.abortConnection()
+        await until(lambda: values(observe.prometheus_text()).get(
+            ("txcallme_server_reconnections_total", (("server_id", sid),))) == 1)
+        await until(lambda: values(observe.prometheus_text()).get(
+            ("txcallme_client_reconnections_total", ())) == 1)
+        assert await proxy.call(sid, "work", 8) == 8  # the proxy is back
+    finally:
+        gate.set()
+    got = values(observe.prometheus_text())
+    assert got[("txcallme_server_redeliveries_total", (("server_id", sid),))] == 1
+    assert got[("txcallme_server_reconnections_total", (("server_id", sid),))] == 1
+    assert got[("txcallme_client_reconnections_total", ())] == 1
+
+
+async def until(predicate: Any, timeout: float = 15.0) -> None:
+    """Wait until *predicate()* is true."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "gave up waiting"
+        await sleep(0.05)
+
