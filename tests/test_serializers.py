@@ -447,3 +447,17 @@ def test_pickle_round_trip() -> None:
     assert pickler.loads(pickler.dumps(value)) == value
     with pytest.raises(SerializationError):
         pickler.loads(b"not a pickle")
+
+
+def test_readme_json_semantics_for_both_implementations() -> None:
+    """What README's API section says of JSONSerializer holds with and without orjson."""
+    from txcallme.errors import SerializationError as _SerializationError
+    from txcallme.serializers import JSONSerializer as _JSON
+
+    for fast in (True, False):
+        serializer = _JSON(fast=fast)
+        assert serializer.dumps({1: 2}) == b'{"1":2}'
+        assert serializer.loads(serializer.dumps(2**70)) == 2**70
+        for refused in (float("nan"), float("inf"), "\ud800"):
+            with pytest.raises(_SerializationError):
+                serializer.dumps(refused)
