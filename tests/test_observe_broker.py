@@ -292,3 +292,32 @@ async def until(predicate: Any, timeout: float = 15.0) -> None:
         assert time.monotonic() < end, "gave up waiting"
         await sleep(0.05)
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_warn_events_carry_request_fields(services: Services, sid: str) -> None:
+    """A bad request's warn event has server_id, method and correlation_id as fields."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "callme.server" and \
+                event.get("log_level") in (LogLevel.warn, LogLevel.error):
+            events.append(event)
+
+    await services.start_server(sid, {"add": lambda a, b: a + b})
+    client = await RawClient().open()
+    globalLogPublisher.addObserver(observer)
+    try:
+        client.send(sid, b"{not json", correlation_id="bad-1", reply_to=client.exchange,
+                    content_type="application/json")
+        client.send(sid, request_body("add", 1, 2), correlation_id="no-reply-to",
+                    content_type="application/json")
+        await client.next_reply()
+        await until(lambda: len(events) >= 2)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        await client.close()
+    fields = {e["correlation_id"]: (e["server_id"], e["method"]) for e in events}
+    assert fields == {"bad-1": (sid, None), "no-reply-to": (sid, "add")}
