@@ -69,6 +69,9 @@ DEFAULT_DELIVERY_LIMIT = 10
 QUEUE_TYPES = ("classic", "quorum")
 #: Reply codes of a refused declaration: fatal on a first start, retried after.
 REFUSAL_CODES = (403, 405, 406, 541)
+#: reply_to prefix of RabbitMQ's Direct Reply-to pseudo-queue (``amq.rabbitmq.reply-to.*``):
+#: such replies go to the default exchange ``""`` with the reply_to as routing key.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 #: Seconds between two warnings about a caller's clock being behind this server's.
 SKEW_WARNING_INTERVAL = 60.0
 
@@ -716,8 +719,13 @@ class CallmeServerService(Service):
         replies = self._replies
         if replies is None:  # the connection is gone; the broker will redeliver
             return succeed(None)
-        key = callme_compat.ROUTING_KEY if call.callme else call.reply_to  # callme binds ''
-        d = replies.publish(call.reply_to, key, body, props)
+        reply_to = call.reply_to
+        if reply_to.startswith(DIRECT_REPLY_TO):
+            # Direct Reply-to: the caller's channel takes it through the default exchange.
+            d = replies.publish("", reply_to, body, props)
+        else:
+            key = callme_compat.ROUTING_KEY if call.callme else reply_to  # callme binds ''
+            d = replies.publish(reply_to, key, body, props)
         d.addCallbacks(lambda _: self._done(call.acker, call.tag),
                        lambda reason: self._reply_failed(call, reason))
         return d
