@@ -309,3 +309,29 @@ def test_refusal_hints() -> None:
     assert "delete_queue -p v server_foo_queue" in refusal_hint(406, decl, "carl", "v")
     assert "another server id" in refusal_hint(405, decl, "carl", "v")
     assert "queue_type" in refusal_hint(541, decl, "carl", "v")
+
+
+@pytest.mark.parametrize("threading", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_stop_after_refused_first_start_fires_and_log_is_consistent(
+        services: Services, sid: str, threading: bool) -> None:
+    """After when_ready() failed with DeclarationRefused, stopService() fires at once
+    and the error log says "not retrying" with no "retrying in" after it."""
+    await declare_old_queue(sid)
+    errors = ErrorLog()
+    globalLogPublisher.addObserver(errors)
+    try:
+        svc = services.server(sid, {"one": lambda: 1}, threading=threading)
+        with pytest.raises(DeclarationRefused):
+            await svc.when_ready()
+        stopped = svc.stopService()
+        timer = reactor.callLater(5, stopped.cancel)
+        await stopped  # CancelledError here: the stop hung
+        assert timer.active()
+        timer.cancel()
+        texts = errors.texts()
+        assert any("Not retrying" in t for t in texts), texts
+        assert not any("retrying in" in t for t in texts), texts
+    finally:
+        globalLogPublisher.removeObserver(errors)
+        await delete_queue(_wire.server_queue(sid))

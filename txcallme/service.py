@@ -320,6 +320,7 @@ class CallmeServerService(Service):
         self._stop_d: Deferred[None] | None = None
         self._stop_waiters: list[Deferred[None]] = []
         self._fatal: DeclarationRefused | None = None
+        self._ready_waiters: list[Deferred[Connection]] = []
         self._served = False
         self._skew_warned_at: float | None = None
         #: requests sent back to the queue by the last stop without being started
@@ -373,7 +374,21 @@ class CallmeServerService(Service):
         when the broker refuses the server's queue on the first start."""
         if self._fatal is not None:
             return fail(self._fatal)
-        return self._session.ready()
+        ready = self._session.ready()
+        if ready.called:
+            return ready
+        mine: Deferred[Connection] = Deferred()
+        self._ready_waiters.append(mine)
+
+        def settle(result: Any) -> None:
+            if mine in self._ready_waiters:
+                self._ready_waiters.remove(mine)
+            if not mine.called:  # a refusal on the first start fails it first
+                mine.callback(result) if not isinstance(result, Failure) else \
+                    mine.errback(result)
+
+        ready.addBoth(settle)
+        return mine
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
         """Stop consuming, send requests not started back to the queue, let running
@@ -447,7 +462,16 @@ class CallmeServerService(Service):
             # Running calls may still reply over this connection; nothing new is taken.
             log.warn("reconnected while stopping: not consuming again")
             return
-        await self._consume(connection)
+        try:
+            await self._consume(connection)
+        except DeclarationRefused:
+            if self._fatal is None:
+                raise  # after the first start: the session retries with backoff
+            # The first start: fatal, and the session must not log a retry. The
+            # set-up "succeeds", when_ready() has already failed, and the session
+            # stops (closing this connection) on the next turn.
+            self._reactor.callLater(0, self._session.stop)
+            return
         if self._served:
             self._observer.reconnected()
         self._served = True
@@ -494,7 +518,9 @@ class CallmeServerService(Service):
             # The first start: fatal. when_ready() fails with it; no retry loop.
             self._fatal = refusal
             log.error("{error} Not retrying: this is the first start.", error=refusal)
-            self._reactor.callLater(0, self._session.stop)
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for d in waiters:
+                d.errback(refusal)
         # Later it is logged at error and retried with backoff.
         return refusal
 
