@@ -128,14 +128,20 @@ async def test_proxy_reconnects_with_fresh_reply_names(services: Services, sid: 
 @pytest_twisted.ensureDeferred
 async def test_durable_server_queue_without_consumer_fails_fast(services: Services,
                                                                 sid: str) -> None:
-    """A call to a durable server queue whose server stopped fails with
-    ServerUnavailable within seconds, not after its 30 s timeout."""
+    """A stopped durable server: the call the broker took waits and is run once a
+    server consumes again; after a confirmed count of 0, new calls fail fast unsent."""
     svc = await services.start_server(sid, {"add": add}, durable=True)
     proxy = await services.ready_proxy(timeout=30)
     try:
         assert await proxy.call(sid, "add", 1, 1) == 2
         await svc.stopService()
         await sleep(1.2)  # past the last check's second
+        waiting = proxy.invoke(sid, "add", [2, 2], timeout=60)  # taken: must wait
+        confirmed = time.monotonic()
+        while proxy._checks[sid].empty_at is None:  # counted 0 twice, a second apart
+            assert time.monotonic() - confirmed < 10, "no confirmed count of 0"
+            await sleep(0.05)
+        assert not waiting.called
         start = time.monotonic()
         for _ in range(3):
             try:
@@ -145,6 +151,9 @@ async def test_durable_server_queue_without_consumer_fails_fast(services: Servic
             else:
                 raise AssertionError("a call to a stopped durable server was answered")
         assert time.monotonic() - start < 10
+        assert not waiting.called
+        await services.start_server(sid, {"add": add}, durable=True)
+        assert await waiting == 4  # the taken request ran once a server consumed
     finally:
         conn = await broker_connect()
         try:

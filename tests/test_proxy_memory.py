@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from txcallme import CallmeServerService, Proxy
@@ -449,24 +450,54 @@ class NoConsumerTests(SynchronousTestCase):
         rig.settle(1.5)
 
     def test_durable_queue_without_consumer_fails_fast(self) -> None:
-        """A call to a durable server queue nobody consumes fails with
-        ServerUnavailable at once (not a timeout), and so do calls in the next second."""
+        """A call the broker took for a queue nobody consumes waits (RpcTimeout saying
+        so); once a second count confirms 0, new calls fail fast and are not published."""
         rig, proxy = self.rig, self.proxy
         self.server.stopService()
         rig.settle(0.1)
         self.assertIn("server_s1_queue", rig.broker.queues)  # the queue stays
-        first = Outcome(proxy.call("s1", "echo", 2))
-        rig.settle(0)
-        self.assertIsInstance(first.value, ServerUnavailable)
-        self.assertIn("no server consumes its queue server_s1_queue", str(first.value))
-        queued = len(rig.broker.queues["server_s1_queue"].messages)
-        more = [Outcome(proxy.call("s1", "echo", i)) for i in range(10)]
+        queue = rig.broker.queues["server_s1_queue"]
+        first = Outcome(proxy.invoke("s1", "echo", [2], timeout=5))
         rig.settle(0.5)
+        self.assertEqual(first.results, [])  # taken by the broker: it waits
+        self.assertEqual(self.checks, ["s1"])  # one count of 0: not trusted yet
+        unconfirmed = Outcome(proxy.invoke("s1", "echo", [3], timeout=5))
+        rig.settle(0.7)  # the confirming count a second after the first
+        self.assertEqual(self.checks, ["s1", "s1"])
+        self.assertEqual(unconfirmed.results, [])  # published before the confirmation
+        queued = len(queue.messages)
+        self.assertEqual(queued, 2)
+        more = [Outcome(proxy.call("s1", "echo", i)) for i in range(10)]
+        rig.settle(0)
         for call in more:
             self.assertIsInstance(call.value, ServerUnavailable)
-        self.assertEqual(len(rig.broker.queues["server_s1_queue"].messages), queued)
-        self.assertEqual(self.checks, ["s1"])  # at most one check a second
+            self.assertIn("no server consumes its queue server_s1_queue", str(call.value))
+        self.assertEqual(len(queue.messages), queued)  # none of them was published
+        rig.settle(4.5)
+        self.assertIsInstance(first.value, RpcTimeout)
+        self.assertIn("server_s1_queue had no consumer when last checked", str(first.value))
+        self.assertIsInstance(unconfirmed.value, RpcTimeout)
         self.assertEqual(proxy.pending_count, 0)
+
+    def test_single_zero_count_fails_nothing(self) -> None:
+        """One count of 0 (an election, consumers coming back) followed by a count with
+        consumers fails no call: every call in that window is answered."""
+        rig, proxy = self.rig, self.proxy
+        self.server.stopService()
+        rig.settle(0.1)
+        waiting = Outcome(proxy.call("s1", "echo", "a"))
+        rig.settle(0.2)
+        self.assertEqual(self.checks, ["s1"])  # counted 0 once
+        rig.server("s1", {"echo": lambda x: x}, durable=True)
+        calls = [Outcome(proxy.call("s1", "echo", "b")) for _ in range(5)]
+        rig.settle(2)
+        self.assertEqual(self.checks, ["s1", "s1"])  # the second count saw a consumer
+        self.assertEqual([c.value for c in calls], ["b"] * 5)
+        self.assertNotIsInstance(waiting.results[0] if waiting.results else None,
+                                 Failure)  # taken before any count: never failed for it
+        later = Outcome(proxy.call("s1", "echo", "c"))
+        rig.settle(0.1)
+        self.assertEqual(later.value, "c")
 
     def test_checked_at_most_once_a_second(self) -> None:
         """Under a steady stream of calls the consumer count is checked at most once
@@ -481,17 +512,24 @@ class NoConsumerTests(SynchronousTestCase):
         self.assertLessEqual(len(self.checks), 6)
 
     def test_server_back_serves_again(self) -> None:
-        """Once a server consumes the queue again, calls are answered (after at most
-        a second of ServerUnavailable)."""
+        """While calls fail fast the count is refreshed once a second; once a server
+        consumes the queue again, new calls are published and answered."""
         rig, proxy = self.rig, self.proxy
         self.server.stopService()
         rig.settle(0.1)
-        self.assertIsInstance(Outcome(proxy.call("s1", "echo", 2)).value, ServerUnavailable)
+        Outcome(proxy.invoke("s1", "echo", [1], timeout=3))
+        rig.settle(1.5)  # confirmed: no consumer
+        for _ in range(20):  # 2 s of calls failing fast keep the check refreshed
+            self.assertIsInstance(Outcome(proxy.call("s1", "echo", 2)).value,
+                                  ServerUnavailable)
+            rig.settle(0.1)
+        self.assertEqual(len(self.checks), 4)  # 2 to confirm, 1 refresh a second
         rig.server("s1", {"echo": lambda x: x}, durable=True)
         rig.settle(1.1)
         call = Outcome(proxy.call("s1", "echo", 3))
         rig.settle(0.1)
         self.assertEqual(call.value, 3)
+        self.assertEqual(len(self.checks), 5)
 
     def test_missing_server_queue_is_never_declared_passively(self) -> None:
         """Calls to a server id with no queue come back (ServerUnavailable) and cause

@@ -69,15 +69,38 @@ REPLY_CHECK_INTERVAL = 2.0
 
 @attrs.define(slots=True, eq=False)
 class _ConsumerCheck:
-    """When a server id's queue was last checked for consumers, and with what."""
+    """What is known of one server id's queue's consumers, and the next check.
 
+    A count of 0 is trusted only once a second passive declare about a second
+    later confirms it (RabbitMQ reports 0 for a quorum queue during a leader
+    election, and for a queue whose consumers are coming back); only then do
+    new calls fail fast, without being published. A request the broker took is
+    never failed for a count: its call waits for its reply until its timeout.
+    """
+
+    #: when the last passive declare was sent (at most one a second)
     at: float = float("-inf")
-    #: when the queue was last seen with no consumer (None: it had one)
+    #: the queue was counted with no consumer once; a second count confirms it
+    suspect: bool = False
+    #: when the no-consumer count was confirmed (None: not confirmed)
     empty_at: float | None = None
-    #: calls published to it since a check began (None: no check under way)
-    since: list[str] | None = None
-    #: the passive declare has been sent (after the broker took a request)
+    #: a check starts at the next request the broker takes for this server id
+    armed: bool = False
+    #: a passive declare is under way
     running: bool = False
+    #: a call was failed fast since the last declare (so check again)
+    demand: bool = False
+    #: the delayed call of the next declare (confirmation or refresh)
+    timer: Any = None
+    #: the last count was 0 (said in the RpcTimeout of calls that waited)
+    no_consumer: bool = False
+
+    def reset(self) -> None:
+        self.suspect = self.armed = self.running = self.demand = False
+        self.empty_at = None
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
 
 
 @attrs.define(slots=True, eq=False)
@@ -249,6 +272,8 @@ class Proxy:
         self._destinations.clear()
         self._deadlines.clear()
         self._cancel_timers()
+        for check in self._checks.values():
+            check.reset()
         return self._session.stop()
 
     def when_ready(self) -> Deferred[Connection]:
@@ -363,6 +388,8 @@ class Proxy:
         if self._recover_timer is not None and self._recover_timer.active():
             self._recover_timer.cancel()
         self._recover_timer = None
+        for check in self._checks.values():  # counted again on the next connection
+            check.reset()
         for corr, call in list(self._pending.items()):
             if call.destination is not None:
                 self._fail(corr, Failure(error))
@@ -424,7 +451,9 @@ class Proxy:
         now = self._reactor.seconds()
         if check is None:
             check = self._checks[server_id] = _ConsumerCheck()
-        elif check.empty_at is not None and now - check.empty_at < CONSUMER_CHECK_INTERVAL:
+        elif check.empty_at is not None:
+            # confirmed twice that nobody consumes it: fail fast, publish nothing
+            check.demand = True
             self._fail(corr, Failure(self._no_consumer(server_id)))
             return
         destination = self._destinations.get(call.server_id)
@@ -439,12 +468,9 @@ class Proxy:
         # a server queue that takes requests may have no consumer: count them
         # (once the broker has taken this request, so missing queues, whose
         # requests come back, are never declared passively)
-        if check.since is not None and now - check.at < 2 * CONSUMER_CHECK_INTERVAL:
-            check.since.append(corr)
-        elif now - check.at >= CONSUMER_CHECK_INTERVAL and not self._in_grace(now):
-            check.at = now
-            check.since = [corr]
-            check.running = False
+        if not (check.armed or check.running or check.timer is not None) \
+                and now - check.at >= CONSUMER_CHECK_INTERVAL and not self._in_grace(now):
+            check.armed = True
             destination.want_taken = True
         remaining = call.deadline - now
         call.seq = destination.send(corr, call.body, {
@@ -456,14 +482,28 @@ class Proxy:
             self._check_reply_exchange(connection, now)
 
     def _taken(self, destination: Destination) -> None:
-        server_id = _server_id(destination)
-        check = self._checks.get(server_id)
+        check = self._checks.get(_server_id(destination))
+        if check is not None and check.armed and not check.running:
+            check.armed = False
+            self._start_count(_server_id(destination), check)
+
+    def _start_count(self, server_id: str, check: _ConsumerCheck) -> None:
         connection = self._live
-        if check is not None and check.since is not None and not check.running \
-                and connection is not None:
-            check.running = True
-            Deferred.fromCoroutine(self._count_consumers(
-                connection, server_id, check))
+        if connection is None or self._closed:
+            check.reset()
+            return
+        check.at = self._reactor.seconds()
+        check.running = True
+        check.demand = False
+        Deferred.fromCoroutine(self._count_consumers(connection, server_id, check))
+
+    def _recount(self, server_id: str, check: _ConsumerCheck) -> None:
+        """The confirmation (or, while confirmed, the refresh) a second later."""
+        check.timer = None
+        if check.empty_at is not None and not check.demand:
+            check.reset()  # no call wanted it since: the next call is published
+            return
+        self._start_count(server_id, check)
 
     # -- checks with passive declares ------------------------------------------
 
@@ -506,8 +546,10 @@ class Proxy:
 
     async def _count_consumers(self, connection: Connection, server_id: str,
                                check: _ConsumerCheck) -> None:
-        """A passive queue.declare of *server_id*'s queue: if nobody consumes it,
-        the calls published to it meanwhile would only wait there; fail them."""
+        """A passive queue.declare of *server_id*'s queue. A first count of 0
+        is confirmed by a second one about a second later; only a confirmed 0
+        makes new calls fail fast (and is refreshed each second while they
+        come). Calls already published are never failed for it."""
         count: int | None = None
         try:
             channel = await self._control_channel(connection)
@@ -515,19 +557,17 @@ class Proxy:
             count = declared.consumer_count
         except CallmeError:  # no such queue (requests come back as returns), or lost
             pass
-        since, check.since = check.since or [], None
         check.running = False
-        if self._closed or count is None:
+        check.no_consumer = count == 0
+        if self._closed or count is None or count:
+            check.reset()
             return
-        if count:
-            check.empty_at = None
-            return
-        check.empty_at = self._reactor.seconds()
-        error = self._no_consumer(server_id)
-        for corr in since:
-            call = self._pending.get(corr)
-            if call is not None and call.destination is not None:
-                self._fail(corr, Failure(error))
+        if check.empty_at is None and not check.suspect:
+            check.suspect = True  # 0 once: maybe an election, or consumers coming back
+        else:
+            check.empty_at = self._reactor.seconds()
+        check.timer = self._reactor.callLater(
+            CONSUMER_CHECK_INTERVAL, self._recount, server_id, check)
 
     def _returned(self, destination: Destination, corr: str) -> None:
         call = self._pending.get(corr)
@@ -614,6 +654,11 @@ class Proxy:
                     and not self.direct_reply_to \
                     and now - self._reply_checked_at >= CONSUMER_CHECK_INTERVAL:
                 self._check_reply_exchange(self._live, now)  # was the reply lost?
+            check = self._checks.get(call.server_id)
+            if check is not None and check.no_consumer:
+                error.args = (f"{error}: its server queue "
+                              f"{_wire.server_queue(call.server_id)} had no consumer "
+                              "when last checked",)
             blocked = connection.blocked_reason if connection is not None else None
             if blocked is not None:
                 error.args = (f"{error}: the broker is blocking publishes on this "
