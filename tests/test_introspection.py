@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
 import pytest_twisted
 from conftest import new_server_id, track_proxy
 from twisted.internet import reactor
+from twisted.internet import threads as twisted_threads
 from twisted.internet.defer import Deferred
 
 import txcallme
@@ -188,5 +190,37 @@ async def test_stats_through_the_broker() -> None:
         assert stats["methods"]["add"]["errors"] == 1
         assert list(stats["methods"]) == ["add"]
     finally:
+        await proxy.close()
+        await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_report_the_thread_pool() -> None:
+    """A threaded server's stats give its pool size and the threads busy in a blocking call."""
+    sid = new_server_id()
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold() -> str:
+        entered.set()
+        gate.wait(20)
+        return "done"
+
+    svc = txcallme.CallmeServerService(sid, amqp_host="127.0.0.1", threading=True, threads=3,
+                                       reactor=reactor)
+    svc.register_function(hold, name="hold")
+    svc.startService()
+    proxy = track_proxy(txcallme.Proxy(timeout=20, reactor=reactor))
+    try:
+        await svc.when_ready()
+        held = proxy.call(sid, "hold")
+        assert await twisted_threads.deferToThread(entered.wait, 10)
+        stats = await proxy.call(sid, "__callme__.stats")
+        assert stats["pool_threads"] == 3
+        assert stats["pool_busy"] == 1
+        assert stats["in_flight"] == 1
+        gate.set()
+        assert await held == "done"
+    finally:
+        gate.set()
         await proxy.close()
         await svc.stopService()

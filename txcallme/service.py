@@ -165,6 +165,11 @@ class _Workers:
             raise ServiceError("the server's thread pool is stopped")
         self.pool.callInThreadWithCallback(onResult, func, *args, **kw)
 
+    def busy(self) -> int:
+        """Threads of the pool running a function now (0 when stopped)."""
+        pool = self.pool
+        return len(pool.working) if pool is not None else 0
+
     def stop(self, busy: int) -> None:
         """Stop the pool; with *busy* threads still running, join them on a
         thread of their own, never on the reactor's."""
@@ -290,7 +295,10 @@ class CallmeServerService(Service):
         self._workers = _Workers(threads, self.name) if threading else None
         self.dispatcher = Dispatcher(serializer, reactor=reactor, thread_pool=self._workers)
         if introspection:
-            _introspect.install(self.dispatcher, server_id)
+            workers = self._workers
+            _introspect.install(self.dispatcher, server_id,
+                                busy_threads=workers.busy if workers is not None else None,
+                                threads=threads if workers is not None else None)
         #: also answer unmodified callme 0.2.0 Proxies (pickle), told apart by
         #: content type; declares callme's flags (see txcallme.callme_compat)
         self.callme_compat = callme_compat
