@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
+import pytest_twisted
+from conftest import Services, sleep
+from opentelemetry.trace import SpanKind
+from test_observe import Telemetry, telemetry_on
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -27,8 +33,11 @@ class SynchronousPool:
         self, onResult: Callable[[bool, Any], None], func: Callable[..., Any],
         *args: Any, **kwargs: Any,
     ) -> None:
-        # the dispatcher hands over a partial holding the call's own arguments
-        self.ran.append(func.func if isinstance(func, functools.partial) else func)
+        # the dispatcher hands over Context.run and a partial holding the call's
+        # own arguments
+        inner = args[0] if isinstance(getattr(func, "__self__", None), contextvars.Context) \
+            else func
+        self.ran.append(inner.func if isinstance(inner, functools.partial) else inner)
         try:
             result = func(*args, **kwargs)
         except BaseException:
@@ -492,3 +501,33 @@ class StartingCallsTests(DispatchTestCase):
         warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
         self.assertTrue(any("sneaky" in w and "blocking=False" in w for w in warnings),
                         warnings)
+
+
+@pytest.fixture
+def telemetry() -> Iterator[Telemetry]:
+    """Tracing on with a private SDK provider and an in-memory exporter; off afterwards."""
+    yield from telemetry_on()
+
+
+@pytest_twisted.ensureDeferred
+async def test_threaded_handler_sees_the_server_span(
+        telemetry: Telemetry, services: Services, sid: str) -> None:
+    """A span started inside a thread-pool handler is a child of the call's server span."""
+    tracer = telemetry.tracer_provider.get_tracer("test")
+
+    def work(x: int) -> int:
+        with tracer.start_as_current_span("inside"):
+            return x + 1
+
+    await services.start_server(sid, {"work": work}, threading=True, threads=2)
+    proxy = await services.ready_proxy(timeout=10)
+    assert await proxy.call(sid, "work", 1) == 2
+    for _ in range(200):
+        if len(telemetry.finished()) >= 3:
+            break
+        await sleep(0.02)
+    spans = telemetry.finished()
+    [inside] = [s for s in spans if s.name == "inside"]
+    [server] = [s for s in spans if s.kind is SpanKind.SERVER]
+    assert inside.parent is not None and inside.parent.span_id == server.context.span_id
+    assert inside.context.trace_id == server.context.trace_id

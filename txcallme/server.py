@@ -7,6 +7,7 @@ into reply bytes; :mod:`txcallme.service` moves the bytes.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import linecache
@@ -125,9 +126,12 @@ class Dispatcher:
         try:
             if handler.blocking:
                 # Everything positional: a keyword argument of the call named f,
-                # reactor or threadpool must not meet deferToThreadPool's own.
-                d = deferToThreadPool(self._reactor, self._pool, functools.partial(
-                    handler.func, *request.args, **kwargs))
+                # reactor or threadpool must not meet deferToThreadPool's own. The
+                # function runs in a copy of the caller's context, so it sees what
+                # the reactor side made current (the server span, contextvars).
+                d = deferToThreadPool(self._reactor, self._pool,
+                                      contextvars.copy_context().run, functools.partial(
+                                          handler.func, *request.args, **kwargs))
             else:
                 d = maybeDeferred(_run_on_reactor, handler.func, request.args, kwargs)
         except Exception as e:  # the pool refused the work, ...: still an answer
