@@ -282,3 +282,21 @@ async def test_nacked_reply_requeues_the_request(services: Services, sid: str) -
             await ch2.delete_exchange(exchange)
         finally:
             await connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleted_exchange_is_declared_and_bound_again(services: Services,
+                                                            sid: str) -> None:
+    """After an operator deletes the server's exchange (its queue stays, no basic.cancel),
+    the periodic check re-declares and re-binds it (logged at warn); calls succeed again."""
+    svc = services.server(sid, {"one": lambda: 1})
+    svc.repair_interval = 0.5
+    await svc.when_ready()
+    proxy = await services.ready_proxy(timeout=10)
+    assert await proxy.call(sid, "one") == 1
+    with Events(LogLevel.info) as events:
+        await with_channel(lambda ch: ch.delete_exchange(_wire.server_exchange(sid)))
+        await wait_for(lambda: any("bound" in t and "again" in t for t in events.texts))
+    assert await proxy.call(sid, "one") == 1
+    assert svc.consuming
+    assert sum("was deleted" in t for t in events.texts) == 1, events.texts

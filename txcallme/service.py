@@ -72,6 +72,9 @@ REFUSAL_CODES = (403, 405, 406, 541)
 #: reply_to prefix of RabbitMQ's Direct Reply-to pseudo-queue (``amq.rabbitmq.reply-to.*``):
 #: such replies go to the default exchange ``""`` with the reply_to as routing key.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+#: Seconds between two checks that the server's exchange still exists (a deleted
+#: exchange, unlike a deleted queue, cancels no consumer: nothing else notices).
+REPAIR_INTERVAL = 15.0
 #: Seconds between two warnings about a caller's clock being behind this server's.
 SKEW_WARNING_INTERVAL = 60.0
 
@@ -320,6 +323,10 @@ class CallmeServerService(Service):
         self._consumer: _Consumer | None = None
         self._ackers: list[Acker] = []
         self._recovery: Any = None
+        self._repair: Any = None
+        #: seconds between checks of the server's exchange (re-declared and bound
+        #: again, logged at warn, when it was deleted); 0 or None: no checks
+        self.repair_interval: float | None = REPAIR_INTERVAL
         self._in_flight = 0
         self._blocking_running = 0
         self._waiting: deque[_Call] = deque()
@@ -429,6 +436,7 @@ class CallmeServerService(Service):
 
     async def _stop(self) -> None:
         self._cancel_recovery()
+        self._cancel_repair()
         consumer, self._consumer = self._consumer, None
         if consumer is not None and not consumer.channel.closed:
             try:
@@ -483,6 +491,7 @@ class CallmeServerService(Service):
         if self._served:
             self._observer.reconnected()
         self._served = True
+        self._schedule_repair(connection)
         log.info("serving {server_id!r}: {names}", server_id=self.server_id,
                  names=", ".join(self.dispatcher.handlers))
 
@@ -531,6 +540,63 @@ class CallmeServerService(Service):
                 d.errback(refusal)
         # Later it is logged at error and retried with backoff.
         return refusal
+
+    # -- an exchange that was deleted -----------------------------------------
+
+    def _schedule_repair(self, connection: Connection) -> None:
+        self._cancel_repair()
+        if self.repair_interval:
+            self._repair = self._reactor.callLater(self.repair_interval, self._check_exchange,
+                                                   connection)
+
+    def _cancel_repair(self) -> None:
+        if self._repair is not None and self._repair.active():
+            self._repair.cancel()
+        self._repair = None
+
+    def _check_exchange(self, connection: Connection) -> None:
+        self._repair = None
+        if self._stopping or connection.lost or self._connection is not connection:
+            return
+        d = Deferred.fromCoroutine(self._repair_exchange(connection))
+
+        def failed(reason: Failure) -> None:
+            if not (self._stopping or connection.lost):
+                log.warn("cannot check the exchange {exchange}: {error}",
+                         exchange=self.declarations.exchange, error=reason.value)
+
+        def again(_: Any) -> None:
+            if not (self._stopping or connection.lost) and self._connection is connection:
+                self._schedule_repair(connection)
+
+        d.addErrback(failed).addBoth(again)
+
+    async def _repair_exchange(self, connection: Connection) -> bool:
+        """Passive-declare the server's exchange on a channel of its own (a 404
+        closes it); when it is gone, declare and bind again. True if re-created."""
+        decl = self.declarations
+        channel = await connection.open_channel()
+        try:
+            await channel.declare_exchange(decl.exchange, "direct", passive=True)
+        except NotFound:
+            pass
+        else:
+            await channel.close()
+            return False
+        log.warn("the exchange {exchange} was deleted (its queue {queue} stayed): "
+                 "declaring and binding it again", exchange=decl.exchange, queue=decl.queue)
+        channel = await connection.open_channel()
+        try:
+            if self._callme is not None:
+                await callme_compat.declare_server(channel, self.server_id,
+                                                   durable=self.durable)
+            else:
+                await decl.declare(channel)
+        finally:
+            if not channel.closed:
+                await channel.close()
+        log.info("declared and bound {exchange} again", exchange=decl.exchange)
+        return True
 
     # -- consumers that come back ---------------------------------------------
 
@@ -595,6 +661,7 @@ class CallmeServerService(Service):
 
     def _lost(self, error: CallmeError) -> None:
         self._cancel_recovery()
+        self._cancel_repair()
         self._connection = None
         self._consumer = None
         self._replies = None
