@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -133,7 +133,14 @@ class Dispatcher:
                                       contextvars.copy_context().run, functools.partial(
                                           handler.func, *request.args, **kwargs))
             else:
-                d = maybeDeferred(_run_on_reactor, handler.func, request.args, kwargs)
+                # On the reactor: a plain result needs no Deferred chain of its own.
+                try:
+                    value = _run_on_reactor(handler.func, request.args, kwargs)
+                except BaseException:
+                    return succeed(self._failure(Failure(), request.method))
+                if not isinstance(value, Deferred):
+                    return succeed(self._result(value, request.method))
+                d = value
         except Exception as e:  # the pool refused the work, ...: still an answer
             log.failure("cannot start {method}", method=request.method)
             return self._error(ServiceError(f"the server could not start {request.method}(): "

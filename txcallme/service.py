@@ -786,12 +786,25 @@ class CallmeServerService(Service):
             error = ServiceError(f"the server could not start {request.method}(): {e}")
             d = succeed(_wire.encode_error(self.serializer, _wire.error_description(error,
                                                                                     False)))
-        if call.observed.live:  # the span and metrics end with the reply body
-            d.addCallback(call.observed.replied)
-        d.addCallback(lambda body: self._reply(call, body))
-        d.addErrback(lambda f: log.failure("dispatch failed", f, server_id=self.server_id,
-                                           method=request.method, correlation_id=call.corr))
-        d.addBoth(self._finished, call)
+        d.addBoth(self._dispatched, call)  # one callback: a sync call runs it at once
+
+    def _dispatched(self, body: bytes | Failure, call: _Call) -> None:
+        """The reply body is there: send it; the call ends once the reply is settled."""
+        if not isinstance(body, Failure):
+            try:
+                if call.observed.live:  # the span and metrics end with the reply body
+                    body = call.observed.replied(body)
+                self._reply(call, body).addBoth(self._settled, call)
+                return
+            except Exception:
+                body = Failure()
+        self._settled(body, call)
+
+    def _settled(self, result: Any, call: _Call) -> None:
+        if isinstance(result, Failure):
+            log.failure("dispatch failed", result, server_id=self.server_id,
+                        method=call.request.method, correlation_id=call.corr)
+        self._finished(None, call)
 
     def _done(self, acker: Acker, tag: int) -> None:
         """The request is dealt with: ack it (if not already acked on receipt)."""
@@ -827,11 +840,14 @@ class CallmeServerService(Service):
         else:
             key = callme_compat.ROUTING_KEY if call.callme else reply_to  # callme binds ''
             d = replies.publish(reply_to, key, body, props)
-        d.addCallbacks(lambda _: self._done(call.acker, call.tag),
-                       lambda reason: self._reply_failed(call, reason))
-        return d
+        return d.addCallbacks(self._replied, self._reply_failed, callbackArgs=(call,),
+                              errbackArgs=(call,))
 
-    def _reply_failed(self, call: _Call, reason: Failure) -> None:
+    def _replied(self, _: Any, call: _Call) -> None:
+        if self.ack == "after_reply":
+            call.acker.ack(call.tag)
+
+    def _reply_failed(self, reason: Failure, call: _Call) -> None:
         error = reason.value
         if isinstance(error, PublishNacked) or (
                 isinstance(error, BrokerConnectionLost) and self.ack == "after_reply"):
