@@ -12,11 +12,13 @@ import pytest_twisted
 from _brokerctl import ctl, rand
 from conftest import Services, broker_connect, sleep
 from conftest import _created_names as conftest_names
+from scripted import ScriptedBroker
 from twisted.internet import threads
 from twisted.internet.defer import gatherResults
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from txcallme import _wire
+from txcallme import CallmeServerService, _wire
+from txcallme.service import REPAIR_INTERVAL
 
 
 class Events:
@@ -300,3 +302,34 @@ async def test_deleted_exchange_is_declared_and_bound_again(services: Services,
     assert await proxy.call(sid, "one") == 1
     assert svc.consuming
     assert sum("was deleted" in t for t in events.texts) == 1, events.texts
+
+
+def test_exchange_check_is_clock_driven_and_redeclares_only_when_gone() -> None:
+    """On a Clock: every repair_interval a passive exchange.declare; only after a 404 to
+    it does the server declare the exchange, queue and binding again."""
+    broker = ScriptedBroker()
+    svc = CallmeServerService("foo", params=broker.params(), reactor=broker.clock)
+    svc.register_function(lambda: 1, name="one")
+    svc.startService()
+    broker.flush()
+    assert svc.consuming
+    peer = broker.peer
+
+    def declares() -> list[bool]:
+        return [s.args["passive"] for s in peer.sent("exchange.declare")]
+
+    assert declares() == [False]
+    broker.advance(REPAIR_INTERVAL - 0.1)
+    assert declares() == [False]
+    broker.advance(0.2)
+    assert declares() == [False, True]  # still there: nothing re-declared
+    binds = len(peer.sent("queue.bind"))
+    broker.refuse("exchange.declare", 404, "NOT_FOUND - no exchange 'server_foo_ex'",
+                  when=lambda args: bool(args["passive"]))
+    broker.advance(REPAIR_INTERVAL)
+    assert declares() == [False, True, True, False]
+    assert len(peer.sent("queue.bind")) == binds + 1
+    assert svc.consuming
+    stopped = svc.stopService()
+    broker.flush()
+    assert stopped.called
