@@ -226,3 +226,37 @@ def test_drop_connections_loses_exclusive_queues(broker: MemoryBroker) -> None:
     assert ch.connection.lost
     assert broker.queue_names() == []
 
+
+
+def test_consume_on_a_backlog_gets_every_message(broker: MemoryBroker) -> None:
+    """A consume on a queue with a backlog gets all of it (the broker delivers during the write)."""
+    ch = channel(broker)
+    run(setup_queue(ch))
+    ch.publish("x", "k", b"one", {})
+    ch.publish("x", "k", b"two", {})
+    other = channel(broker)
+    got: list[Delivery] = []
+    tag = run(other.consume("q", got.append))
+    assert tag == "txcallme.1"
+    assert [(d.body, d.redelivered, d.consumer_tag) for d in got] == [
+        (b"one", False, tag), (b"two", False, tag)]
+
+
+def test_failed_consume_unregisters_its_tag(broker: MemoryBroker) -> None:
+    """A consume the broker refuses leaves no callback behind; the next one gets a new tag."""
+    conn = connect(broker)
+    ch = run(conn.open_channel())
+    with pytest.raises(NotFound):
+        run(ch.consume("missing", lambda d: None))
+    assert ch._consumers == {}
+
+
+def test_confirmed_publisher_over_memory_broker_fires(broker: MemoryBroker) -> None:
+    """A confirm that arrives during the write still fires the publish Deferred."""
+    from txcallme.amqp.publisher import ConfirmedPublisher
+    conn = connect(broker)
+    run(setup_queue(run(conn.open_channel())))
+    publisher = ConfirmedPublisher(conn.open_channel, replay=False)
+    run(publisher.publish("x", "k", b"a", {}))
+    run(publisher.publish("x", "k", b"b", {}))
+    assert publisher.in_flight == 0

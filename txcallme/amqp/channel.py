@@ -67,6 +67,7 @@ from typing import Any, ClassVar
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txcallme.amqp import codec as _codec
 from txcallme.amqp import frames as _frames
@@ -203,6 +204,7 @@ class Channel:
         self._props_fields = tables().props
         self._closing: list[Deferred[None]] | None = None
         self._consumers: dict[str, Callable[[Delivery], None]] = {}
+        self._consumer_seq = 0  # client-chosen consumer tags: txcallme.<n>
         self.on_close: list[Callable[[CallmeError], None]] = []
         self.on_return: Callable[[Returned], None] | None = None
         self.on_confirm: Callable[[int, bool, bool], None] | None = None
@@ -325,13 +327,25 @@ class Channel:
 
     def consume(self, queue: str, callback: Callable[[Delivery], None], *,
                 no_ack: bool = False, exclusive: bool = False) -> Deferred[str]:
-        """Start consuming; fires with the consumer tag."""
-        def started(ok: dict[str, Any]) -> str:
-            tag = _text(ok["consumer_tag"])
-            self._consumers[tag] = callback
-            return tag
-        return self._call("basic.consume", {"queue": queue, "no_ack": no_ack,
-                                            "exclusive": exclusive}).addCallback(started)
+        """Start consuming; fires with the consumer tag.
+
+        The tag is chosen here (``txcallme.<n>``, unique on the channel) and the
+        callback registered before basic.consume is written: a broker may send
+        deliveries right after consume-ok, before this Deferred's callbacks run
+        (the in-memory broker does so inside the write). A failed consume
+        unregisters it.
+        """
+        self._consumer_seq += 1
+        tag = f"txcallme.{self._consumer_seq}"
+        self._consumers[tag] = callback
+
+        def failed(reason: Failure) -> Failure:
+            if self._consumers.get(tag) is callback:
+                del self._consumers[tag]
+            return reason
+        return self._call("basic.consume", {"queue": queue, "consumer_tag": tag,
+                                            "no_ack": no_ack, "exclusive": exclusive}
+                          ).addCallbacks(lambda _: tag, failed)
 
     def cancel(self, consumer_tag: str) -> Deferred[None]:
         """basic.cancel; fires when the broker confirms no more deliveries come."""
@@ -407,6 +421,13 @@ class Channel:
             self._heads.clear()
         self._heads[(exchange, routing_key, mandatory)] = head
         return head
+
+    @property
+    def next_publish_seq(self) -> int:
+        """The confirm sequence number the next :meth:`publish` will return
+        (0 if not confirming): record it before publishing, since the outcome
+        can arrive during the write."""
+        return self._next_tag + 1 if self.confirming else 0
 
     def _write_confirmed(self, seq: int, match: _Match, parts: list[bytes]) -> None:
         self._broker_seq = broker_seq = self._broker_seq + 1
