@@ -42,6 +42,10 @@ class FakeChannel:
         self.confirming = True
         return self.confirm_select_result
 
+    @property
+    def next_publish_seq(self) -> int:
+        return len(self.published) + 1 if self.confirming else 0
+
     def publish(self, exchange: str, routing_key: str, body: bytes,
                 properties: dict[str, Any], mandatory: bool = False) -> int:
         assert not self.closed, "publish on a closed channel"

@@ -90,13 +90,18 @@ class ConfirmedPublisher:
             self._waiting.append(message)
             self._ensure_channel()
             return
+        # Record before the write: the confirm can arrive during it (in-memory broker).
+        tag = channel.next_publish_seq
+        self._unconfirmed[tag] = message
         try:
-            tag = channel.publish(message.exchange, message.routing_key, message.body,
-                                  message.properties, message.mandatory)
+            sent = channel.publish(message.exchange, message.routing_key, message.body,
+                                   message.properties, message.mandatory)
         except Exception as e:  # a name over 255 bytes, a channel closed under us
+            if self._unconfirmed.get(tag) is message:
+                del self._unconfirmed[tag]
             message.done.errback(e)
             return
-        self._unconfirmed[tag] = message
+        assert sent == tag, (sent, tag)
 
     def _ensure_channel(self) -> None:
         if self._opening is not None or self._closed:
