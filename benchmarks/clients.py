@@ -45,8 +45,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--direct-reply-to", action="store_true",
                    help="txcallme: Proxy(direct_reply_to=True), replies through RabbitMQ's "
                         "Direct Reply-to")
-    p.add_argument("--observe", action="store_true",
-                   help="txcallme: tracing and metrics on (observe.enable_everything)")
+    p.add_argument("--observe", nargs="?", const="everything", default=None,
+                   choices=common.OBSERVE_MODES,
+                   help="txcallme: observability on (everything, prometheus only, or 1 %% sampled)")
     return p.parse_args(argv)
 
 
@@ -64,10 +65,7 @@ async def txcallme_client(args: argparse.Namespace, rec: common.Recorder) -> dic
     from benchmarks import _tw
     from txcallme import Proxy
 
-    if args.observe:
-        from txcallme import observe
-
-        observe.enable_everything()
+    common.enable_observe(args.observe)
     options = {"direct_reply_to": True} if args.direct_reply_to else {}
     proxy = Proxy(common.HOST, common.PORT, common.USER, common.PASSWORD,
                   timeout=args.timeout, **options)

@@ -213,3 +213,23 @@ def drive_sync(call: Callable[[], Any], rec: Recorder) -> dict[str, Any]:
         rec.add(time.perf_counter() - t)
     rec.finish()
     return rec.result(concurrency=1)
+
+
+#: --observe modes: what each side switches on before creating its Proxy / service
+OBSERVE_MODES = ("everything", "prometheus", "sampled")
+
+
+def enable_observe(mode: str | None) -> None:
+    """Switch on observability for *mode*: ``everything`` (all traces recorded,
+    OpenTelemetry metrics, Prometheus), ``sampled`` (the same with 1 % of traces
+    sampled) or ``prometheus`` (Prometheus metrics only)."""
+    if not mode:
+        return
+    from txcallme import observe
+
+    if mode == "prometheus":
+        observe.enable_prometheus()
+    elif mode == "sampled":
+        observe.enable_everything(sample_ratio=0.01)
+    else:
+        observe.enable_everything()

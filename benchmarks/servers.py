@@ -29,9 +29,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("server_id")
     p.add_argument("--reply-bytes", type=int, default=0,
                    help="floor servers: reply with this many bytes instead of echoing")
-    p.add_argument("--observe", action="store_true",
-                   help="txcallme: tracing, OpenTelemetry metrics and Prometheus on "
-                        "(txcallme.observe.enable_everything)")
+    p.add_argument("--observe", nargs="?", const="everything", default=None,
+                   choices=common.OBSERVE_MODES,
+                   help="txcallme: observability on (everything, prometheus only, or 1 %% sampled)")
     p.add_argument("--processes", type=int, default=1, help="twistd: --processes")
     return p.parse_args(argv)
 
@@ -41,10 +41,7 @@ async def txcallme_server(stats: common.ServerStats, args: argparse.Namespace) -
 
     from txcallme import CallmeServerService
 
-    if args.observe:
-        from txcallme import observe
-
-        observe.enable_everything()
+    common.enable_observe(args.observe)
     kind = args.kind
     threaded = kind == "txcallme-threads"
     service = CallmeServerService(args.server_id, common.HOST, common.PORT, common.USER,
