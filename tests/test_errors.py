@@ -85,6 +85,19 @@ class RebuildTests(SynchronousTestCase):
         exc = self.registry.rebuild("txcallme.errors.UnknownMethod", "no f", ["no f"], "")
         self.assertIs(type(exc), UnknownMethod)
 
+    def test_server_helper_types(self) -> None:
+        """ServiceError, DeclarationRefused, DeliveryLimitReached are rebuilt from wire args."""
+        refused = errors.DeclarationRefused("s1", 406, "PRECONDITION_FAILED - x", "use --q")
+        name = "txcallme.errors.DeclarationRefused"
+        exc = self.registry.rebuild(name, str(refused), list(refused.args), "")
+        self.assertIs(type(exc), errors.DeclarationRefused)
+        self.assertEqual(str(exc), str(refused))
+        self.assertIn("406 PRECONDITION_FAILED - x. use --q", str(exc))
+        for cls in (errors.ServiceError, errors.DeliveryLimitReached):
+            exc = self.registry.rebuild(f"txcallme.errors.{cls.__name__}", "m", ["m"], "")
+            self.assertIs(type(exc), cls)
+            self.assertEqual(str(exc), "m")
+
     def test_unknown_type(self) -> None:
         """An unknown type name becomes a RemoteError carrying every detail."""
         exc = self.registry.rebuild("app.Oops", "it broke", ["it broke", 7], TRACEBACK)

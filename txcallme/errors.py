@@ -259,6 +259,12 @@ BUILTIN_REMOTE_TYPES: dict[str, type[BaseException]] = {
 }
 
 
+def _default_own_types() -> tuple[type[BaseException], ...]:
+    """txcallme's own types a Proxy rebuilds by default (some are defined below)."""
+    return (UnknownMethod, SerializationError, InvalidRequest, PayloadTooLarge,
+            ServiceError, DeclarationRefused, DeliveryLimitReached)
+
+
 class RemoteErrorRegistry:
     """The allow-list of exception types a Proxy rebuilds from the wire.
 
@@ -268,7 +274,7 @@ class RemoteErrorRegistry:
 
     def __init__(self) -> None:
         self._types: dict[str, type[BaseException]] = dict(BUILTIN_REMOTE_TYPES)
-        for own in (UnknownMethod, SerializationError, InvalidRequest, PayloadTooLarge):
+        for own in _default_own_types():
             self._types[qualified_name(own)] = own
 
     def register(self, exc_type: type[BaseException], name: str | None = None) -> None:
@@ -321,8 +327,11 @@ class DeclarationRefused(ServiceError):
         self.code = code
         self.text = text
         self.hint = hint
-        super().__init__(f"the broker refused the declarations of server {server_id!r}: "
-                         f"{code} {text}. {hint}")
+        super().__init__(server_id, code, text, hint)  # args rebuild it remotely
+
+    def __str__(self) -> str:
+        return (f"the broker refused the declarations of server {self.server_id!r}: "
+                f"{self.code} {self.text}. {self.hint}")
 
 
 class DeliveryLimitReached(ServiceError):
