@@ -731,3 +731,56 @@ class ConfirmedPublisherTests(SynchronousTestCase):
         self.assertEqual([p.body for p in self.broker.peer.published],
                          [b"warm-up", b"good", b"bad",  # "after" was dropped with the channel
                           b"warm-up", b"good", b"after"])
+
+
+class _ResolvingConnector:
+    """A connector whose connect, like HostnameEndpoint's still resolving, fails with a
+    DNS lookup error when cancelled."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.attempts: list[Deferred[Any]] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        from twisted.internet.error import DNSLookupError
+
+        def cancel(d: Deferred[Any]) -> None:
+            d.errback(DNSLookupError("Couldn't find the hostname '127.0.0.1'"))
+        d: Deferred[Any] = Deferred(cancel)
+        self.attempts.append(d)
+        return d
+
+
+class CancelledConnectTests(SynchronousTestCase):
+    """Stopping a session while it is still connecting is quiet."""
+
+    def test_stop_while_connecting_logs_nothing(self) -> None:
+        """A connect cancelled by stop() logs no 'cannot connect' / DNS lookup failure."""
+        from twisted.internet.task import Clock
+
+        from txcallme.amqp import ConnectionParams
+        from txcallme.amqp.session import Session
+        connectors: list[_ResolvingConnector] = []
+
+        def connector(reactor: Any) -> _ResolvingConnector:
+            connectors.append(_ResolvingConnector(reactor))
+            return connectors[-1]
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        clock = Clock()
+        session = Session(clock, ConnectionParams(hosts=(("127.0.0.1", 5672),),
+                                                  connector=connector),
+                          lambda c: Deferred.fromCoroutine(_nothing()), lambda e: None,
+                          name="test")
+        session.start()
+        ready = session.ready()
+        ready.addErrback(lambda f: None)
+        self.successResultOf(session.stop())
+        self.assertEqual(len(connectors[0].attempts), 1)
+        self.assertEqual([e.get("log_format") for e in events
+                          if e.get("log_namespace", "").startswith("callme")], [])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+async def _nothing() -> None:
+    return None

@@ -166,7 +166,10 @@ class Session:
 
     def _failed(self, reason: Failure) -> None:
         self._attempt = None
-        if not self.running and reason.check(CancelledError):
+        if not self.running:
+            # stop() cancelled the attempt (and failed the waiters): whatever the
+            # cancel turned into (a HostnameEndpoint still resolving fails with
+            # "DNS lookup failed: Couldn't find the hostname"), it is no news.
             return
         self.last_error = reason
         self._failures += 1
