@@ -260,3 +260,35 @@ def test_confirmed_publisher_over_memory_broker_fires(broker: MemoryBroker) -> N
     run(publisher.publish("x", "k", b"a", {}))
     run(publisher.publish("x", "k", b"b", {}))
     assert publisher.in_flight == 0
+
+
+def _close_levels(work: Any) -> list[str]:
+    """The levels of 'broker closed channel' events logged while *work* runs."""
+    from twisted.logger import LogEvent, globalLogPublisher
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        work()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return [e["log_level"].name for e in events
+            if e.get("log_format", "").startswith("broker closed channel")]
+
+
+def test_refusal_the_caller_gets_is_logged_at_info(broker: MemoryBroker) -> None:
+    """A 404 the caller gets (confirmed publish, passive declare) is info, an unseen one warn."""
+    def confirmed() -> None:
+        ch = channel(broker)
+        run(ch.confirm_select())
+        ch.publish("nope", "k", b"x", {})
+        assert isinstance(ch.close_error, NotFound)
+
+    def passive() -> None:
+        with pytest.raises(NotFound):
+            run(channel(broker).declare_queue("ghost", passive=True))
+
+    def unconfirmed() -> None:
+        channel(broker).publish("nope", "k", b"x", {})
+    assert _close_levels(confirmed) == ["info"]
+    assert _close_levels(passive) == ["info"]
+    assert _close_levels(unconfirmed) == ["warn"]

@@ -463,7 +463,13 @@ class Channel:
                 _frames.FRAME_METHOD, self.id, tables().encode_method("channel.close-ok", {})))
             error = channel_error(args["reply_code"], _text(args["reply_text"]))
             if self.state is not ChannelState.CLOSING:
-                log.warn("broker closed channel {id}: {error}", id=self.id, error=error)
+                code = args["reply_code"]
+                if self._rpcs or (self._unconfirmed and code in (403, 404)):
+                    # a refusal the caller gets as the error of its control method
+                    # or publish (a passive declare's 404, a missing exchange): info
+                    log.info("broker closed channel {id}: {error}", id=self.id, error=error)
+                else:
+                    log.warn("broker closed channel {id}: {error}", id=self.id, error=error)
             self._mark_closed(error)
             self._finish_close()
             self.connection.release(self)
