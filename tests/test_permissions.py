@@ -223,13 +223,15 @@ def _connections(user: User) -> list[str]:
 
 @pytest_twisted.ensureDeferred
 async def test_carl_cannot_start_barserver(running: Running, env: Env) -> None:
-    """carl's barserver fails to start with a clear AccessRefused, not a hang, and stops."""
+    """carl's barserver fails to start with DeclarationRefused 403 naming the object, the
+    user and the permission line to grant, not a hang, and stops."""
     svc = running.service(BAR, env.carl)
     taken, error = await _elapsed(svc.when_ready().addTimeout(8, reactor))
-    assert isinstance(error, txcallme.AccessRefused), repr(error)
+    assert isinstance(error, txcallme.errors.DeclarationRefused), repr(error)
     assert taken < 5.0
-    assert error.object.startswith("server_barserver_")
-    assert error.user == env.carl.name
+    assert error.code == 403
+    assert "server_barserver_" in error.text and env.carl.name in error.text
+    assert f"rabbitmqctl set_permissions -p {env.vhost} {env.carl.name}" in error.hint
     # stopping right after the failure, as a caller's except clause would
     await svc.stopService().addTimeout(5, reactor)
     assert not svc.running
@@ -237,11 +239,11 @@ async def test_carl_cannot_start_barserver(running: Running, env: Env) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_refused_start_leaks_no_connection(running: Running, env: Env) -> None:
-    """The connections of a server refused at start (and retrying) are closed by stopService."""
+    """A server refused at start does not retry, and stopService leaves no connection."""
     svc = running.service(BAR, env.carl)
-    with pytest.raises(txcallme.AccessRefused):
+    with pytest.raises(txcallme.errors.DeclarationRefused):
         await svc.when_ready().addTimeout(8, reactor)
-    await sleep(2.0)  # let it retry at least once
+    await sleep(2.0)  # a retry loop would have reconnected by now
     await sleep(0)
     await svc.stopService().addTimeout(5, reactor)
     await sleep(1.0)

@@ -81,14 +81,17 @@ class MemoryPairTests(SynchronousTestCase):
         self.failureResultOf(self.proxy.call("barserver", "add", 1, 2), ServerUnavailable)
 
     def test_timeout(self) -> None:
-        """A handler that does not answer in time gives RpcTimeout; nothing is left pending."""
+        """A handler that does not answer in time gives RpcTimeout; nothing is left pending,
+        and once proxy and server are stopped nothing is left on the clock."""
         d = self.proxy.use_server("fooserver", timeout=2).wait()
         self.assertNoResult(d)
         self.clock.advance(2.5)
         self.failureResultOf(d, RpcTimeout)
         self.assertEqual(self.proxy.pending_count, 0)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
         self.waiting.callback(1)  # the late answer is dropped
+        self.successResultOf(self.proxy.close())
+        self.successResultOf(self.server.stop())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_close(self) -> None:
         """close() fails pending calls and later calls with ProxyClosed."""
@@ -96,6 +99,8 @@ class MemoryPairTests(SynchronousTestCase):
         self.successResultOf(self.proxy.close())
         self.failureResultOf(d, ProxyClosed)
         self.failureResultOf(self.proxy.call("fooserver", "add", 1, 1), ProxyClosed)
+        self.waiting.callback(1)
+        self.successResultOf(self.server.stop())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
