@@ -35,6 +35,8 @@ def node_or_skip() -> str:
     """The node executable; skip (with the reason) when it is not installed.
     With node but without ``npm ci`` run, fail: CI (.ci/run) installs amqplib."""
     node = shutil.which("node")
+    if node is None and os.environ.get("CI"):
+        pytest.fail("node is not installed, but CI must run the Node.js interop test")
     if node is None:
         pytest.skip("node is not installed: the Node.js (amqplib) interop test needs "
                     "Node 18+ and `npm ci` in tests/foreign/node")
