@@ -91,30 +91,10 @@ def no_leftover_broker_objects(broker_reachable: None) -> Any:
     leftovers: set[str] = set()
     for _ in range(5):  # the broker deletes auto-delete objects asynchronously
         leftovers = (_broker_objects() - before) & _created_names
-        leftovers -= _delete_never_consumed(leftovers)
         if not leftovers:
             return
         time.sleep(0.5)
     pytest.fail(f"tests left these objects on the broker: {sorted(leftovers)}")
-
-
-def _delete_never_consumed(names: set[str]) -> set[str]:
-    """Delete (and return) the queues among *names* that are durable, auto-delete,
-    empty and without consumers: a server stopped between its declare and its
-    consume leaves one, because RabbitMQ auto-deletes only a queue that had a
-    consumer (a known gap, see the closing note). Anything else stays a leak."""
-    out = subprocess.run(
-        ["rabbitmqctl", "list_queues", "-q", "-p", "/", "name", "durable", "auto_delete",
-         "consumers", "messages"], capture_output=True, text=True, timeout=30, check=True,
-    ).stdout
-    deleted: set[str] = set()
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) == 5 and fields[0] in names and fields[1:] == ["true", "true", "0", "0"]:
-            subprocess.run(["rabbitmqctl", "delete_queue", "-p", "/", fields[0]],
-                           capture_output=True, timeout=30, check=True)
-            deleted.add(fields[0])
-    return deleted
 
 
 class Services:

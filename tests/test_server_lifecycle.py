@@ -333,3 +333,51 @@ def test_exchange_check_is_clock_driven_and_redeclares_only_when_gone() -> None:
     stopped = svc.stopService()
     broker.flush()
     assert stopped.called
+
+
+def test_stop_during_set_up_consumes_and_cancels_before_closing() -> None:
+    """A stop that arrives between queue.declare and basic.consume waits for the set-up,
+    then cancels the consumer before connection.close: RabbitMQ auto-deletes only a
+    queue that had a consumer, so closing first would leave the durable auto-delete
+    server queue behind for good."""
+    broker = ScriptedBroker()
+    broker.silence("queue.bind", times=1)  # the set-up stalls after queue.declare
+    svc = CallmeServerService("foo", params=broker.params(), reactor=broker.clock)
+    svc.register_function(lambda: 1, name="one")
+    svc.startService()
+    broker.flush()
+    peer = broker.peer
+    [bind] = peer.sent("queue.bind")
+    assert peer.sent("queue.declare") and not peer.sent("basic.consume")
+    stopped = svc.stopService()
+    broker.flush()
+    assert not stopped.called
+    assert not peer.sent("connection.close")  # it waits for the set-up to end
+    peer.send(bind.channel, "queue.bind-ok")
+    broker.flush()
+    names = [n for n in peer.names()
+             if n in ("basic.consume", "basic.cancel", "connection.close")]
+    assert names == ["basic.consume", "basic.cancel", "connection.close"]
+    assert stopped.called
+    assert not svc.consuming
+    assert not broker.clock.getDelayedCalls()  # no exchange check left scheduled
+
+
+def test_stop_during_a_set_up_the_broker_never_answers_is_bounded() -> None:
+    """A set-up the broker never answers does not hold a stop longer than stop_timeout."""
+    broker = ScriptedBroker()
+    broker.silence("queue.bind")
+    svc = CallmeServerService("foo", params=broker.params(), reactor=broker.clock,
+                              stop_timeout=5)
+    svc.register_function(lambda: 1, name="one")
+    svc.startService()
+    broker.flush()
+    peer = broker.peer
+    stopped = svc.stopService()
+    broker.advance(4.9)
+    assert not stopped.called and peer.connected
+    broker.advance(0.2)
+    # The set-up is the session's unfinished preparation: the stop aborts the connection.
+    assert stopped.called
+    assert not peer.connected
+    assert not broker.clock.getDelayedCalls()

@@ -331,6 +331,11 @@ class CallmeServerService(Service):
         self._blocking_running = 0
         self._waiting: deque[_Call] = deque()
         self._drained: list[Deferred[None]] = []
+        # Declare-and-consume runs in flight, and who waits for them to end: a stop
+        # waits, so a queue declared but not yet consumed is consumed and cancelled
+        # (RabbitMQ auto-deletes only a queue that had a consumer).
+        self._setups = 0
+        self._setups_done: list[Deferred[None]] = []
         self._stopping = False
         self._stop_d: Deferred[None] | None = None
         self._stop_waiters: list[Deferred[None]] = []
@@ -450,6 +455,19 @@ class CallmeServerService(Service):
         if waiting:
             log.info("stopping: {n} requests not started go back to the queue",
                      n=len(waiting))
+        if self._setups:
+            # A declare-and-consume in flight: let it end (each step is bounded by
+            # the channel's control timeout), so its consumer is cancelled before
+            # the close. A close between queue.declare and basic.consume would leave
+            # a durable auto-delete queue that never had a consumer, for good.
+            setup: Deferred[None] = Deferred()
+            self._setups_done.append(setup)
+            setup.addTimeout(self.stop_timeout, self._reactor)
+            try:
+                await setup
+            except DeferTimeoutError:
+                log.warn("stopping: the consumer set-up did not end within {s} s; "
+                         "closing anyway", s=self.stop_timeout)
         if self._in_flight:
             log.info("waiting for {n} running calls to finish", n=self._in_flight)
             d: Deferred[None] = Deferred()
@@ -488,6 +506,8 @@ class CallmeServerService(Service):
             # stops (closing this connection) on the next turn.
             self._reactor.callLater(0, self._session.stop)
             return
+        if self._stopping:
+            return  # its consumer was cancelled: no exchange check to schedule
         if self._served:
             self._observer.reconnected()
         self._served = True
@@ -497,7 +517,20 @@ class CallmeServerService(Service):
 
     async def _consume(self, connection: Connection, channel: Channel | None = None,
                        acker: Acker | None = None) -> None:
-        """Declare and consume on *channel* (a new one if None or closed)."""
+        """Declare and consume on *channel* (a new one if None or closed); a stop
+        waits for this to end."""
+        self._setups += 1
+        try:
+            await self._set_up(connection, channel, acker)
+        finally:
+            self._setups -= 1
+            if not self._setups:
+                waiters, self._setups_done = self._setups_done, []
+                for d in waiters:
+                    d.callback(None)
+
+    async def _set_up(self, connection: Connection, channel: Channel | None,
+                      acker: Acker | None) -> None:
         if channel is None or acker is None or channel.closed:
             channel = await connection.open_channel()
             await channel.qos(self.prefetch)  # per consumer: global QoS is gone in 4.3
