@@ -23,7 +23,7 @@ from twisted.logger import globalLogPublisher
 
 from tests.conftest import _created_names, broker_connect, sleep
 from tests.test_compat_pickle import gadget_pickles
-from txcallme import RemoteError, ServerUnavailable, callme_compat
+from txcallme import RemoteError, RpcTimeout, ServerUnavailable, callme_compat
 from txcallme.errors import InvalidRequest
 
 pytestmark = pytest.mark.timeout(120)
@@ -273,3 +273,45 @@ async def test_default_server_never_unpickles(services: Any, sid: str,
     error = json.loads(reply.body)["error"]
     assert error["type"] == "txcallme.errors.InvalidRequest"
     assert "x-python-serialize" in error["message"]
+
+
+async def _consumers(queue: str) -> int:
+    connection = await broker_connect()
+    try:
+        channel = await connection.open_channel()
+        return (await channel.declare_queue(queue, passive=True)).consumer_count
+    finally:
+        await connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_proxy_while_callme_servers_remain(services: Any, sid: str,
+                                                       callme_servers: Any) -> None:
+    """README, migration step 3: with only callme servers a plain (JSON) Proxy gets
+    ServerUnavailable at once (callme binds its queue with routing key ''); in a
+    mixed fleet the JSON request a callme server takes gets no reply (RpcTimeout)
+    and that callme server stops consuming for good, while the compat server
+    answers the rest."""
+    await callme_servers(sid, "cm")
+    proxy = await services.ready_proxy(timeout=3)
+    with pytest.raises(ServerUnavailable, match="no queue is bound"):
+        await proxy.use_server(sid).who()
+    await services.start_server(sid, compat_functions("tx"), callme_compat=True)
+    queue = f"server_{sid}_queue"
+    assert await _consumers(queue) == 2
+    outcomes: list[str] = []
+    for _ in range(4):  # round robin: the callme server takes one of the first two
+        try:
+            outcomes.append((await proxy.use_server(sid).who()).split(":")[0])
+        except RpcTimeout:
+            outcomes.append("timeout")
+            break
+    assert outcomes.count("timeout") == 1 and set(outcomes) <= {"tx", "timeout"}, outcomes
+    for _ in range(50):
+        if await _consumers(queue) == 1:
+            break
+        await sleep(0.1)
+    assert await _consumers(queue) == 1  # the callme server no longer consumes
+    compat = await services.ready_proxy(timeout=3, callme_compat=True)
+    answered = [(await compat.use_server(sid).who()).split(":")[0] for _ in range(6)]
+    assert answered == ["tx"] * 6
