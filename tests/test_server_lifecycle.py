@@ -381,3 +381,4 @@ def test_stop_during_a_set_up_the_broker_never_answers_is_bounded() -> None:
     assert stopped.called
     assert not peer.connected
     assert not broker.clock.getDelayedCalls()
+

@@ -455,27 +455,18 @@ class CallmeServerService(Service):
         if waiting:
             log.info("stopping: {n} requests not started go back to the queue",
                      n=len(waiting))
-        if self._setups:
-            # A declare-and-consume in flight: let it end (each step is bounded by
-            # the channel's control timeout), so its consumer is cancelled before
-            # the close. A close between queue.declare and basic.consume would leave
-            # a durable auto-delete queue that never had a consumer, for good.
-            setup: Deferred[None] = Deferred()
-            self._setups_done.append(setup)
-            setup.addTimeout(self.stop_timeout, self._reactor)
-            try:
-                await setup
-            except DeferTimeoutError:
-                log.warn("stopping: the consumer set-up did not end within {s} s; "
-                         "closing anyway", s=self.stop_timeout)
+        # One stop_timeout bounds both waits below.
+        deadline = self._reactor.seconds() + self.stop_timeout
+        # A declare-and-consume in flight: let it end (each step is bounded by the
+        # channel's control timeout), so its consumer is cancelled before the close.
+        # A close between queue.declare and basic.consume would leave a durable
+        # auto-delete queue that never had a consumer, for good.
+        if self._setups and not await self._within(self._setups_done, deadline):
+            log.warn("stopping: the consumer set-up did not end within {s} s; "
+                     "closing anyway", s=self.stop_timeout)
         if self._in_flight:
             log.info("waiting for {n} running calls to finish", n=self._in_flight)
-            d: Deferred[None] = Deferred()
-            self._drained.append(d)
-            d.addTimeout(self.stop_timeout, self._reactor)
-            try:
-                await d
-            except DeferTimeoutError:
+            if not await self._within(self._drained, deadline):
                 log.error("{n} calls still running after {s} s: closing anyway; the broker "
                           "requeues their requests", n=self._in_flight, s=self.stop_timeout)
         for acker in self._ackers:
@@ -488,6 +479,18 @@ class CallmeServerService(Service):
         self._connection = None
         if self._workers is not None:
             self._workers.stop(self._blocking_running)
+
+    async def _within(self, waiters: list[Deferred[None]], deadline: float) -> bool:
+        """Wait, until *deadline*, for a Deferred appended to *waiters* to fire;
+        False if the deadline came first."""
+        d: Deferred[None] = Deferred()
+        waiters.append(d)
+        d.addTimeout(max(0.0, deadline - self._reactor.seconds()), self._reactor)
+        try:
+            await d
+        except DeferTimeoutError:
+            return False
+        return True
 
     async def _prepare(self, connection: Connection) -> None:
         self._connection = connection
@@ -527,7 +530,8 @@ class CallmeServerService(Service):
             if not self._setups:
                 waiters, self._setups_done = self._setups_done, []
                 for d in waiters:
-                    d.callback(None)
+                    if not d.called:  # not given up on by stop_timeout
+                        d.callback(None)
 
     async def _set_up(self, connection: Connection, channel: Channel | None,
                       acker: Acker | None) -> None:
