@@ -167,18 +167,22 @@ def server_command(kind: str) -> list[str]:
     return [node_or_skip(), str(NODE_DIR / "server.js")]
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["reply-exchange", "direct-reply-to"])
 @pytest.mark.parametrize("kind", ["pika", "node"])
 @pytest_twisted.ensureDeferred
-async def test_txcallme_proxy_calls_foreign_server(kind: str, services: Any,
+async def test_txcallme_proxy_calls_foreign_server(kind: str, direct: bool, services: Any,
                                                    sid: str) -> None:
-    """A txcallme Proxy calls a pika / Node.js server written from README."""
+    """A txcallme Proxy calls a pika / Node.js server written from README and
+    docs/wire.rst, with its own reply exchange or through Direct Reply-to
+    (reply_to ``amq.rabbitmq.reply-to.*``: the server replies through the
+    default exchange)."""
     command = server_command(kind)
     server = _Server()
     process = reactor.spawnProcess(server, command[0], [*command, URL, sid],
                                    env=dict(os.environ), path=str(FOREIGN))
     try:
         await server.ready
-        proxy = await services.ready_proxy(timeout=5)
+        proxy = await services.ready_proxy(timeout=5, direct_reply_to=direct)
         remote = proxy.use_server(sid)
         assert await remote.add(1, 2) == 3
         assert await remote.add(a=1, b=2) == 3
@@ -191,7 +195,11 @@ async def test_txcallme_proxy_calls_foreign_server(kind: str, services: Any,
         before = time.time()
         seen = await proxy.invoke(sid, "echo_properties", [1], {"k": "v"}, timeout=4)
         assert seen["content_type"] == "application/json"
-        assert seen["reply_to"] == proxy.exchange
+        if direct:  # the broker names the pseudo-queue of the request's channel
+            assert proxy.exchange == ""
+            assert seen["reply_to"].startswith("amq.rabbitmq.reply-to.")
+        else:
+            assert seen["reply_to"] == proxy.exchange
         assert seen["expiration"].isdigit() and 3000 <= int(seen["expiration"]) <= 4000
         assert before + 3 <= seen["deadline"] <= time.time() + 4
         assert (seen["args"], seen["kwargs"]) == ([1], {"k": "v"})

@@ -1,5 +1,5 @@
 """A txcallme server written with pika from README's "Wire protocol" section
-alone (no txcallme imports). Run: pika_server.py AMQP_URL SERVER_ID
+and docs/wire.rst alone (no txcallme imports). Run: pika_server.py AMQP_URL SERVER_ID
 
 Declares the server's exchange and queue with txcallme's flags, serves
 ``add``, ``div``, ``echo_properties`` and ``slow``, answers errors with
@@ -26,6 +26,18 @@ def div(a, b):
 
 
 FUNCTIONS = {"add": add, "div": div, "slow": time.sleep}
+
+#: reply_to of a caller using RabbitMQ's Direct Reply-to (the broker hands the
+#: server ``amq.rabbitmq.reply-to.<token>``)
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+def reply_destination(reply_to: str) -> tuple[str, str]:
+    """(exchange, routing key) of a reply: the caller's exchange with its name as
+    key, or for Direct Reply-to the default exchange with reply_to as key."""
+    if reply_to.startswith(DIRECT_REPLY_TO):
+        return "", reply_to
+    return reply_to, reply_to
 
 
 def error(exc_type: str, message: str, args=None, text="") -> dict:
@@ -78,7 +90,7 @@ def main(url: str, server_id: str) -> None:
     def on_request(ch, method, props, body):
         reply = handle(body, props)
         if reply is not None and props.reply_to:
-            ch.basic_publish(props.reply_to, props.reply_to, json.dumps(reply).encode(),
+            ch.basic_publish(*reply_destination(props.reply_to), json.dumps(reply).encode(),
                              pika.BasicProperties(correlation_id=props.correlation_id,
                                                   content_type="application/json"))
         ch.basic_ack(method.delivery_tag)

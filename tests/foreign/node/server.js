@@ -1,5 +1,5 @@
 // A txcallme server written with amqplib from README's "Wire protocol"
-// section alone. Run: node server.js AMQP_URL SERVER_ID
+// section and docs/wire.rst alone. Run: node server.js AMQP_URL SERVER_ID
 // Declares the server's exchange and queue with txcallme's flags, serves
 // add, div, echo_properties and slow, answers errors with error envelopes,
 // prints "ready" once it consumes, and stops on SIGTERM.
@@ -20,6 +20,15 @@ const FUNCTIONS = {
     setTimeout(() => resolve(null), seconds * 1000);
   })],
 };
+
+// reply_to of a caller using RabbitMQ's Direct Reply-to (the broker hands the
+// server amq.rabbitmq.reply-to.<token>)
+const DIRECT_REPLY_TO = 'amq.rabbitmq.reply-to';
+
+// [exchange, routing key] of a reply: the caller's exchange with its name as
+// key, or for Direct Reply-to the default exchange with reply_to as key
+const replyDestination = (replyTo) => (
+  replyTo.startsWith(DIRECT_REPLY_TO) ? ['', replyTo] : [replyTo, replyTo]);
 
 const error = (type, message, args, traceback = '') => (
   { error: { type, message, args: args || [message], traceback } });
@@ -85,7 +94,7 @@ async function main(url, serverId) {
     const reply = await handle(msg);
     const replyTo = msg.properties.replyTo;
     if (reply !== null && replyTo) {
-      channel.publish(replyTo, replyTo, Buffer.from(JSON.stringify(reply)), {
+      channel.publish(...replyDestination(replyTo), Buffer.from(JSON.stringify(reply)), {
         correlationId: msg.properties.correlationId, contentType: 'application/json',
       });
     }
