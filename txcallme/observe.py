@@ -86,6 +86,8 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 
 #: Why a server refuses a request without running it.
 REFUSAL_REASONS = ("stale", "invalid", "too_large")
 PREFIX = "txcallme_"
+#: What the server's in-flight gauge counts (a request is observed from its receipt).
+SERVER_IN_FLIGHT_HELP = "Requests received and not answered yet (running or waiting for a thread)."
 
 T = TypeVar("T")
 
@@ -118,6 +120,9 @@ class Call:
         return body
 
     def refuse(self, reason: str, error: BaseException | None = None) -> None:
+        pass
+
+    def requeued(self) -> None:
         pass
 
 
@@ -224,7 +229,7 @@ class _OtelMetrics:
             description="Calls waiting for a reply.")
         meter.create_observable_up_down_counter(
             "txcallme.server.active_calls", callbacks=[self._server_active], unit="{call}",
-            description="Requests being run.")
+            description=SERVER_IN_FLIGHT_HELP)
         self.refused = meter.create_counter(
             "txcallme.server.refused_requests", unit="{request}",
             description="Requests not run: stale, invalid or too large.")
@@ -294,7 +299,7 @@ class _PrometheusMetrics:
             "Duration of incoming calls, from delivery to the reply.", call,
             DURATION_BUCKETS)
         self.server_in_flight = P.Gauge(PREFIX + "server_calls_in_flight",
-                                        "Requests being run.", ("server_id",))
+                                        SERVER_IN_FLIGHT_HELP, ("server_id",))
         self.refused = P.Counter(PREFIX + "server_requests_refused_total",
                                  "Requests not run, by reason (stale, invalid, too_large).",
                                  ("server_id", "reason"))
@@ -529,8 +534,12 @@ class ServerObserver:
 
     def server_call(self, method: str, correlation_id: Any,
                     headers: Any) -> Call:
-        """Observe one request about to be dispatched (*headers*: the message's
-        ``headers`` table, where the caller's trace context travels)."""
+        """Observe one request from its receipt (*headers*: the message's
+        ``headers`` table, where the caller's trace context travels): its span
+        and duration include any wait for a pool thread. End it with
+        :meth:`~ServerCall.replied`, :meth:`~ServerCall.finish`,
+        :meth:`~ServerCall.refuse` (not run after all) or
+        :meth:`~ServerCall.requeued` (sent back to the queue unrun)."""
         if not self.live:
             return NULL_CALL
         return ServerCall(self, method, correlation_id, headers)
@@ -679,6 +688,24 @@ class ServerCall(Call):
         if signals.otel is not None:
             signals.otel.server_active[observer.server_id] -= 1
         observer._refused(reason, self._original, self._span, error)
+
+    def requeued(self) -> None:
+        """The request goes back to the queue unrun (the server stops, or the
+        channel it came on closed while it waited for a thread): no longer in
+        flight, neither a call nor a refusal; its span ends with
+        ``txcallme.requeued`` = True (another delivery gets a span of its own)."""
+        if self._ended:
+            return
+        self._ended = True
+        observer = self._observer
+        signals = observer._signals
+        if signals.prom is not None:
+            signals.prom.server_in_flight.dec((observer.server_id,))
+        if signals.otel is not None:
+            signals.otel.server_active[observer.server_id] -= 1
+        if self._span is not None:
+            self._span.set_attribute("txcallme.requeued", True)
+            self._span.end()
 
     def _finish_remote(self, error: dict[str, Any]) -> None:
         error_type = error["type"]

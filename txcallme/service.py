@@ -450,6 +450,7 @@ class CallmeServerService(Service):
                 pass
         waiting, self._waiting = list(self._waiting), deque()
         for call in waiting:
+            call.observed.requeued()
             call.acker.reject(call.tag, requeue=True)
         self.requeued_on_stop = len(waiting)
         if waiting:
@@ -652,7 +653,7 @@ class CallmeServerService(Service):
 
     def _consumer_closed(self, connection: Connection, channel: Channel,
                          error: CallmeError) -> None:
-        self._waiting = deque(c for c in self._waiting if c.acker.channel is not channel)
+        self._drop_waiting(lambda c: c.acker.channel is channel)
         consumer = self._consumer
         if consumer is None or consumer.channel is not channel:
             return
@@ -702,7 +703,18 @@ class CallmeServerService(Service):
         self._connection = None
         self._consumer = None
         self._replies = None
-        self._waiting = deque(c for c in self._waiting if not c.acker.channel.closed)
+        self._drop_waiting(lambda c: c.acker.channel.closed)
+
+    def _drop_waiting(self, gone: Callable[[_Call], bool]) -> None:
+        """Forget the waiting requests whose channel closed (the broker requeues them,
+        unacked): their observed calls end as requeued, no longer in flight."""
+        kept: deque[_Call] = deque()
+        for call in self._waiting:
+            if gone(call):
+                call.observed.requeued()
+            else:
+                kept.append(call)
+        self._waiting = kept
 
     # -- one request -------------------------------------------------------------
 
@@ -744,7 +756,7 @@ class CallmeServerService(Service):
                      server_id=self.server_id, correlation_id=corr)
             self._done(acker, tag)
             return
-        deadline, skew = self._deadline(request, props, received)
+        deadline, skew = self._deadline(request, props, received, corr)
         call = _Call(acker, tag, request, reply_to, corr, delivery.redelivered, deadline, skew,
                      callme=callme)
         call.headers = props.get("headers")
@@ -762,13 +774,15 @@ class CallmeServerService(Service):
             return
         handler = self.dispatcher.handlers.get(request.method)
         call.blocking = handler is not None and handler.blocking
+        # Observed from receipt: the span and duration include the wait for a thread.
+        call.observed = self._observer.server_call(request.method, corr, call.headers)
         if call.blocking and self._blocking_running >= self.threads:
             self._waiting.append(call)  # not started: goes back to the queue on stop
             return
         self._start_call(call)
 
-    def _deadline(self, request: _wire.Request, props: dict[str, Any],
-                  received: float) -> tuple[float | None, float | None]:
+    def _deadline(self, request: _wire.Request, props: dict[str, Any], received: float,
+                  corr: Any = None) -> tuple[float | None, float | None]:
         """The deadline to use: receipt + ``expiration`` first (immune to clock skew),
         bounded by the body's absolute ``deadline`` unless that had already passed
         at receipt (the broker still delivered it: the clocks disagree)."""
@@ -793,7 +807,8 @@ class CallmeServerService(Service):
                          "deadline but within its expiration: this server's clock seems "
                          "ahead of the caller's by about {skew:.3f} s; using the "
                          "receipt-relative deadline", method=request.method,
-                         late=received - absolute, skew=skew)
+                         late=received - absolute, skew=skew, server_id=self.server_id,
+                         correlation_id=corr)
             return relative, skew
         return min(relative, absolute), skew
 
@@ -806,10 +821,9 @@ class CallmeServerService(Service):
                      method=request.method, corr=call.corr, late=now - call.deadline,
                      skew="unknown" if call.skew is None else f"{call.skew:.3f} s",
                      server_id=self.server_id, correlation_id=call.corr)
-            self._observer.refused("stale", request.method, call.corr, call.headers)
+            call.observed.refuse("stale")
             self._done(call.acker, call.tag)
             return
-        call.observed = self._observer.server_call(request.method, call.corr, call.headers)
         self._in_flight += 1
         if call.blocking:
             self._blocking_running += 1
@@ -819,7 +833,8 @@ class CallmeServerService(Service):
                 self.server_id, request.method, call.corr, call.reply_to, call.redelivered,
                 call.deadline))
         except Exception as e:  # dispatch never fails; if it did, still answer
-            log.failure("cannot start {method}", method=request.method)
+            log.failure("cannot start {method}", method=request.method,
+                        server_id=self.server_id, correlation_id=call.corr)
             error = ServiceError(f"the server could not start {request.method}(): {e}")
             d = succeed(_wire.encode_error(self.serializer, _wire.error_description(error,
                                                                                     False)))
@@ -891,7 +906,8 @@ class CallmeServerService(Service):
             # Not taken (or maybe not): the request goes back to the queue and is
             # answered again, by this instance or another (at-least-once).
             log.warn("reply to {reply_to!r} not taken by the broker ({error}): the request "
-                     "goes back to the queue", reply_to=call.reply_to, error=error)
+                     "goes back to the queue", reply_to=call.reply_to, error=error,
+                     **self._fields(call))
             if self.ack == "after_reply":
                 call.acker.reject(call.tag, requeue=True)
             return
@@ -900,11 +916,17 @@ class CallmeServerService(Service):
                      reply_to=call.reply_to, error=error)
         elif isinstance(error, AccessRefused):
             log.warn("may not reply to {reply_to!r}: {error}", reply_to=call.reply_to,
-                     error=error)
+                     error=error, **self._fields(call))
         else:
             log.warn("cannot reply to {reply_to!r}: {error}", reply_to=call.reply_to,
-                     error=error)
+                     error=error, **self._fields(call))
         self._done(call.acker, call.tag)  # retrying cannot help
+
+    def _fields(self, call: _Call) -> dict[str, Any]:
+        """The fields a warn/error event about *call* carries (for log aggregation);
+        a request that could not be decoded has no method: None."""
+        return {"server_id": self.server_id, "method": call.request.method or None,
+                "correlation_id": call.corr}
 
     def _finished(self, _: Any, call: _Call) -> None:
         self._in_flight -= 1
