@@ -20,6 +20,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from txcallme import observe
 from txcallme._version import __version__
 from txcallme._wire import RESERVED_PREFIX, Request
 from txcallme.serializers import Serializer
@@ -32,8 +33,9 @@ STATS = RESERVED_PREFIX + "stats"
 #: Durations kept per method for the percentiles (the most recent ones).
 SAMPLES = 1024
 
-#: Methods a server does not have are counted under this name.
-OTHER = "(unknown)"
+#: Methods a server does not have are counted under this name: the metrics' own
+#: (``observe.OTHER``), so a stats table and a scrape name them alike.
+OTHER = observe.OTHER
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float | None:

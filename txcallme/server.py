@@ -139,23 +139,24 @@ class Dispatcher:
                 except BaseException:
                     return succeed(self._failure(Failure(), request.method))
                 if not isinstance(value, Deferred):
-                    return succeed(self._result(value, request.method))
+                    return succeed(self._result(value, request.method, False, context))
                 d = value
         except Exception as e:  # the pool refused the work, ...: still an answer
-            log.failure("cannot start {method}", method=request.method)
+            log.failure("cannot start {method}", **_fields(request.method, context))
             return self._error(ServiceError(f"the server could not start {request.method}(): "
                                             f"{safe_str(e)}"))
         return d.addCallbacks(self._result, self._failure,
-                              callbackArgs=(request.method, handler.blocking),
+                              callbackArgs=(request.method, handler.blocking, context),
                               errbackArgs=(request.method,))
 
-    def _result(self, value: Any, method: str, in_thread: bool = False) -> bytes:
+    def _result(self, value: Any, method: str, in_thread: bool = False,
+                context: Callable[[], CallContext] | None = None) -> bytes:
         if in_thread and (isinstance(value, Deferred) or inspect.iscoroutine(value)):
             if inspect.iscoroutine(value):
                 value.close()
             log.warn("{method} returned {kind} from a worker thread, where it cannot run: "
                      "register it with blocking=False (or make it async def) so it runs "
-                     "on the reactor", method=method, kind=type(value).__name__)
+                     "on the reactor", kind=type(value).__name__, **_fields(method, context))
             refused = ServiceError(
                 f"{method}() returned a {type(value).__name__} from a worker thread; the "
                 f"server must register it with blocking=False (or as async def)")
@@ -163,7 +164,8 @@ class Dispatcher:
         try:
             return encode_result(self.serializer, value)
         except SerializationError as e:
-            log.warn("result of {method} cannot be serialized: {error}", method=method, error=e)
+            log.warn("result of {method} cannot be serialized: {error}", error=e,
+                     **_fields(method, context))
             error = SerializationError(f"result of {method}() cannot be serialized: {e}")
             return encode_error(self.serializer, error_description(error, False))
 
@@ -196,6 +198,14 @@ class Dispatcher:
         d: Deferred[bytes] = Deferred()
         d.callback(body)
         return d
+
+
+def _fields(method: str, context: Callable[[], CallContext] | None) -> dict[str, Any]:
+    """The fields of a warn/error event about one request (for log aggregation):
+    server_id and correlation_id from its :class:`CallContext` (None without one)."""
+    made = context() if context is not None else None
+    return {"method": method, "server_id": made.server_id if made is not None else None,
+            "correlation_id": made.correlation_id if made is not None else None}
 
 
 #: Frames from these packages (thread pool, Deferreds, this dispatcher) are left out.
