@@ -3,10 +3,11 @@ a Clock: what each broker event does to the calls in flight, deterministically."
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,6 +19,7 @@ from txcallme.errors import (
     BrokerConnectionLost,
     BrokerUnreachable,
     PayloadTooLarge,
+    ProxyClosed,
     RpcTimeout,
     ServerUnavailable,
 )
@@ -183,6 +185,27 @@ def requests_in(rig: Rig, server_id: str) -> int:
     """Requests waiting in *server_id*'s queue on the in-memory broker."""
     queue = rig.broker.queues.get(f"server_{server_id}_queue")
     return 0 if queue is None else len(queue.messages)
+
+
+def queued_args(rig: Rig, server_id: str) -> list[Any]:
+    """The args of each request waiting in *server_id*'s queue, oldest first."""
+    queue = rig.broker.queues[f"server_{server_id}_queue"]
+    return [json.loads(m.body)["args"] for m in queue.messages]
+
+
+def hold_channel_opens(connection: Any) -> Any:
+    """Make *connection*'s channel opens wait (a slow broker) until the returned
+    function is called; the opens then go ahead."""
+    gate: Deferred[None] = Deferred()
+    real_open = connection.open_channel
+
+    def held_open() -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        gate.addCallback(lambda _: real_open().chainDeferred(d))
+        return d
+
+    connection.open_channel = held_open
+    return lambda: gate.callback(None)
 
 
 class ReplyQueueTests(SynchronousTestCase):
@@ -364,28 +387,58 @@ class CallLifecycleTests(SynchronousTestCase):
         rig.settle(0.1)
         self.assertEqual(small.value, "x" * 10)
 
-    def test_cancelled_before_publish_is_never_published(self) -> None:
-        """A call cancelled while it waits for the connection is never published."""
+    def test_cancelled_while_waiting_for_the_connection_is_never_published(self) -> None:
+        """A call cancelled while it waits for the connection is never published;
+        the call made with it is."""
         rig = self.rig
-        broker = rig.broker
-        rig.server("s1", {"slow": slow(rig)})
+        rig.server("s1", {"slow": slow(rig)}, durable=True)
         rig.servers[0].stopService()  # the queue stays (durable): count what reaches it
         rig.settle(0.1)
-        held = HeldEndpoint(broker)
+        held = HeldEndpoint(rig.broker)
         proxy = rig.proxy(held)
-        kept = proxy.call("s1", "slow", 0, "kept")
-        cancelled = proxy.call("s1", "slow", 0, "cancelled")
-        cancelled.addErrback(lambda f: None)
-        cancelled.cancel()
-        self.assertEqual(proxy.pending_count, 1)
+        kept = Outcome(proxy.call("s1", "slow", 0, "kept"))
+        cancelled_d = proxy.call("s1", "slow", 0, "cancelled")
+        cancelled = Outcome(cancelled_d)
+        self.assertIsNone(proxy._live)  # both wait for the connection
+        cancelled_d.cancel()
+        self.assertIsInstance(cancelled.value, CancelledError)
         held.release()
         rig.settle(0.1)
-        self.assertTrue(kept is not None)
-        queue = broker.queues.get("server_s1_queue")
-        bodies = [m.body for m in queue.messages] if queue is not None else []
-        self.assertFalse(any(b"cancelled" in b for b in bodies), bodies)
+        self.assertEqual(queued_args(rig, "s1"), [[0, "kept"]])
+        self.assertEqual(kept.results, [])  # taken by the broker: waits for a server
+        self.assertEqual(proxy.pending_count, 1)
         proxy.close()
-        kept.addErrback(lambda f: None)
+        rig.settle(0)
+        self.assertIsInstance(kept.value, ProxyClosed)
+
+    def test_cancelled_while_waiting_for_its_channel_is_never_published(self) -> None:
+        """A call cancelled while it waits for its destination's channel to open
+        (connected, nothing published yet) is never published; the one before it is."""
+        rig = self.rig
+        rig.server("s1", {"slow": slow(rig)}, durable=True)
+        rig.servers[0].stopService()
+        rig.settle(0.1)
+        proxy = rig.proxy()
+        assert proxy._live is not None
+        release = hold_channel_opens(proxy._live)
+        kept = Outcome(proxy.call("s1", "slow", 0, "kept"))
+        cancelled_d = proxy.call("s1", "slow", 0, "cancelled")
+        cancelled = Outcome(cancelled_d)
+        destination = proxy._destinations["s1"]
+        self.assertIsNone(destination.channel)
+        self.assertEqual(destination.unconfirmed, 2)  # both wait for the channel
+        cancelled_d.cancel()
+        self.assertIsInstance(cancelled.value, CancelledError)
+        self.assertEqual(queued_args(rig, "s1"), [])
+        release()
+        rig.settle(0.1)
+        self.assertIsNotNone(destination.channel)
+        self.assertEqual(queued_args(rig, "s1"), [[0, "kept"]])
+        self.assertEqual(kept.results, [])
+        self.assertEqual(proxy.pending_count, 1)
+        proxy.close()
+        rig.settle(0)
+        self.assertIsInstance(kept.value, ProxyClosed)
 
     def test_nothing_left_in_the_reactor_after_close(self) -> None:
         """close() leaves no delayed call of the Proxy (re-publish timers included)."""
