@@ -4,6 +4,7 @@ a Clock: what each broker event does to the calls in flight, deterministically."
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from typing import Any
 
 import attrs
@@ -313,7 +314,8 @@ class CallLifecycleTests(SynchronousTestCase):
         self.rig = Rig()
 
     def test_correlation_ids_have_96_random_bits(self) -> None:
-        """Correlation ids are 24 hex digits (96 bits), not a counter."""
+        """Correlation ids are 24 hex digits, 96 random bits each: not a counter, nor a
+        short random part padded to 96 bits."""
         rig = self.rig
         seen: list[str] = []
 
@@ -334,6 +336,17 @@ class CallLifecycleTests(SynchronousTestCase):
             self.assertEqual(len(value), 24)
             int(value, 16)
         self.assertNotIn("1", seen)
+        ids = [int(value, 16) for value in seen]
+        # not a counter (however formatted): consecutive ids differ in about half of
+        # their 96 bits (Binomial(96, 1/2): below 20 has odds of about 3e-9 a pair)
+        distances = [bin(a ^ b).count("1") for a, b in pairwise(ids)]
+        self.assertGreaterEqual(min(distances), 20, distances)
+        # and all 96 bits are random: each takes both values across 50 ids
+        # (a fixed bit has odds of 2**-49)
+        varying = 0
+        for a in ids:
+            varying |= a ^ ids[0]
+        self.assertEqual(varying, 2**96 - 1, f"{varying:096b}")
 
     def test_retry_on_timeout_keeps_the_timer_at_the_earliest_deadline(self) -> None:
         """An errback that calls again on RpcTimeout (while the timer runs) does not
