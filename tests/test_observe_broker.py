@@ -21,7 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, readBody
 
-from txcallme import RpcTimeout, UnknownMethod, observe
+from txcallme import RpcTimeout, ServerUnavailable, UnknownMethod, observe
 from txcallme._metrics_http import metrics_site
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.filterwarnings("ignore:Using readBody")]
@@ -321,3 +321,171 @@ async def test_warn_events_carry_request_fields(services: Services, sid: str) ->
         await client.close()
     fields = {e["correlation_id"]: (e["server_id"], e["method"]) for e in events}
     assert fields == {"bad-1": (sid, None), "no-reply-to": (sid, "add")}
+
+
+def _wait_for_a_second_request(svc: Any, pause: float) -> None:
+    """In a pool thread: wait until *svc* holds a request waiting for a thread, then
+    *pause* seconds (so the waiting request waits at least that long after its receipt)."""
+    end = time.monotonic() + 20
+    while not svc._waiting:
+        assert time.monotonic() < end, "the second request never arrived"
+        time.sleep(0.005)
+    time.sleep(pause)
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_duration_includes_the_wait_for_a_thread(
+        telemetry: Telemetry, services: Services, sid: str) -> None:
+    """Pool of one thread, two blocking requests: the second's SERVER span and recorded
+    duration run from its receipt, so they include the >= 0.3 s it waited for the thread."""
+    held: list[Any] = []
+
+    def slow() -> str:
+        _wait_for_a_second_request(held[0], 0.3)
+        return "slow"
+
+    svc = await services.start_server(sid, {"slow": slow, "quick": lambda: "quick"},
+                                      threading=True, threads=1)
+    held.append(svc)
+    proxy = await services.ready_proxy(timeout=30)
+    first, second = proxy.call(sid, "slow"), proxy.call(sid, "quick")
+    assert (await first, await second) == ("slow", "quick")
+    spans = await finished(telemetry, 4)
+    server = {s.name: s for s in spans if s.kind is SpanKind.SERVER}
+    client = {s.name: s for s in spans if s.kind is SpanKind.CLIENT}
+    quick = server[f"{sid}/quick"]
+    assert (quick.end_time - quick.start_time) / 1e9 >= 0.3
+    assert quick.start_time < server[f"{sid}/slow"].end_time  # started while it waited
+    assert quick.parent.span_id == client[f"{sid}/quick"].context.span_id
+    assert quick.status.status_code is StatusCode.UNSET
+    got = values(observe.prometheus_text())
+    labels = (("method", "quick"), ("outcome", "ok"), ("server_id", sid))
+    assert got[("txcallme_server_call_duration_seconds_count", labels)] == 1
+    assert got[("txcallme_server_call_duration_seconds_sum", labels)] >= 0.3
+    assert got[("txcallme_server_calls_in_flight", (("server_id", sid),))] == 0
+    [point] = [p for p in telemetry.points("rpc.server.call.duration")
+               if p.attributes["rpc.method"] == f"{sid}/quick"]
+    assert point.count == 1 and point.sum >= 0.3
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_stale_after_waiting_for_a_thread(
+        telemetry: Telemetry, services: Services, sid: str) -> None:
+    """A request whose deadline passes while it waits for the one pool thread is not run:
+    its SERVER span (started at receipt, a child of the caller's) ends as a stale
+    refusal, it is counted as refused and not as a call, and nothing stays in flight."""
+    held: list[Any] = []
+    ran: list[str] = []
+
+    def slow() -> str:
+        _wait_for_a_second_request(held[0], 0.8)
+        return "slow"
+
+    svc = await services.start_server(sid, {"slow": slow, "quick": lambda: ran.append("q")},
+                                      threading=True, threads=1)
+    held.append(svc)
+    proxy = await services.ready_proxy(timeout=30)
+    first = proxy.call(sid, "slow")
+    second = proxy.invoke(sid, "quick", timeout=0.3)
+    with pytest.raises(RpcTimeout):
+        await second
+    assert await first == "slow"
+    spans = await finished(telemetry, 4)
+    server = {s.name: s for s in spans if s.kind is SpanKind.SERVER}
+    client = {s.name: s for s in spans if s.kind is SpanKind.CLIENT}
+    quick = server[f"{sid}/quick"]
+    assert quick.attributes["txcallme.refused"] == "stale"
+    assert quick.attributes["error.type"] == "txcallme.errors.RequestExpired"
+    assert quick.status.status_code is StatusCode.ERROR
+    assert quick.parent.span_id == client[f"{sid}/quick"].context.span_id
+    assert (quick.end_time - quick.start_time) / 1e9 >= 0.8  # from receipt: the wait
+    assert ran == []
+    got = values(observe.prometheus_text())
+    assert got[("txcallme_server_requests_refused_total",
+                (("reason", "stale"), ("server_id", sid)))] == 1
+    assert count(got, "server", sid, "quick", "ok") == 0
+    assert count(got, "server", sid, "slow", "ok") == 1
+    assert got[("txcallme_server_calls_in_flight", (("server_id", sid),))] == 0
+    assert not [p for p in telemetry.points("rpc.server.call.duration")
+                if p.attributes["rpc.method"] == f"{sid}/quick"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiting_requests_requeued_on_stop_leave_no_call_in_flight(
+        telemetry: Telemetry, services: Services, sid: str) -> None:
+    """A request waiting for a thread when its server stops goes back to the queue: its
+    span ends marked requeued (not an error, not a refusal) and it is no longer in
+    flight; another instance answers it."""
+    held: list[Any] = []
+
+    def slow() -> str:
+        _wait_for_a_second_request(held[0], 0.2)
+        return "slow"
+
+    svc = await services.start_server(sid, {"slow": slow, "quick": lambda: "quick"},
+                                      threading=True, threads=1)
+    held.append(svc)
+    proxy = await services.ready_proxy(timeout=30)
+    first, second = proxy.call(sid, "slow"), proxy.call(sid, "quick")
+    await until(lambda: bool(svc._waiting))
+    other = await services.start_server(sid, {"quick": lambda: "quick"})
+    await svc.stopService()
+    assert svc.requeued_on_stop == 1
+    assert (await first, await second) == ("slow", "quick")
+    await other.stopService()
+    spans = await finished(telemetry, 5)  # two CLIENT, slow, requeued quick, answered quick
+    quick = [s for s in spans if s.kind is SpanKind.SERVER and s.name == f"{sid}/quick"]
+    [requeued] = [s for s in quick if s.attributes.get("txcallme.requeued")]
+    [answered] = [s for s in quick if s is not requeued]
+    assert requeued.status.status_code is StatusCode.UNSET
+    assert "txcallme.refused" not in requeued.attributes
+    assert answered.parent.span_id == requeued.parent.span_id
+    got = values(observe.prometheus_text())
+    assert got[("txcallme_server_calls_in_flight", (("server_id", sid),))] == 0
+    assert count(got, "server", sid, "quick", "ok") == 1
+    assert not any(name == "txcallme_server_requests_refused_total" for name, _ in got)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tracestate_reaches_the_server_span(
+        telemetry: Telemetry, services: Services, sid: str) -> None:
+    """A tracestate on the caller's context travels with the request: the SERVER span's
+    parent context carries it (and so does the server span)."""
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+    await services.start_server(sid, {"add": lambda a, b: a + b})
+    proxy = await services.ready_proxy()
+    state = TraceState([("vendor", "opaque-1"), ("other", "x")])
+    caller = SpanContext(0x1234_5678_9ABC_DEF0_1234_5678_9ABC_DEF0, 0x0FED_CBA9_8765_4321,
+                         is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED),
+                         trace_state=state)
+    with trace.use_span(NonRecordingSpan(caller)):
+        call = proxy.call(sid, "add", 1, 2)
+    assert await call == 3
+    spans = await finished(telemetry, 2)
+    client, server = one(spans, SpanKind.CLIENT), one(spans, SpanKind.SERVER)
+    assert client.parent.span_id == caller.span_id
+    assert server.parent.span_id == client.context.span_id
+    assert server.parent.is_remote
+    assert dict(server.parent.trace_state) == {"vendor": "opaque-1", "other": "x"}
+    assert dict(server.context.trace_state) == {"vendor": "opaque-1", "other": "x"}
+    assert server.context.trace_id == caller.trace_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_unavailable_client_span(
+        telemetry: Telemetry, services: Services, sid: str) -> None:
+    """A call to a server id nobody serves: the CLIENT span ends in ERROR with error.type
+    ServerUnavailable and its exception event; counted with outcome unavailable."""
+    proxy = await services.ready_proxy()
+    with pytest.raises(ServerUnavailable):
+        await proxy.call(sid, "add", 1, 2)
+    [span] = await finished(telemetry, 1)
+    assert span.kind is SpanKind.CLIENT and span.name == f"{sid}/add"
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "txcallme.errors.ServerUnavailable"
+    [event] = span.events
+    assert event.name == "exception"
+    assert event.attributes["exception.type"] == "txcallme.errors.ServerUnavailable"
+    assert count(values(observe.prometheus_text()), "client", sid, "add", "unavailable") == 1
