@@ -1,7 +1,9 @@
 """Foreign AMQP clients and servers, written from README's "Wire protocol"
 section alone (tests/foreign/: pika and Node.js amqplib), talk to txcallme:
 results, keyword arguments, error envelopes, unknown methods, malformed
-requests, late and expired requests, reserved methods."""
+requests, late and expired requests, reserved methods; a txcallme Proxy calls
+the foreign servers with a reply exchange and through Direct Reply-to, and a
+reply to a caller that has gone does not stop them."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.conftest import BROKER_HOST, BROKER_PORT
+from tests.conftest import BROKER_HOST, BROKER_PORT, broker_connect
 from txcallme import RpcTimeout, UnknownMethod
 
 pytestmark = pytest.mark.timeout(90)
@@ -167,6 +170,20 @@ def server_command(kind: str) -> list[str]:
     return [node_or_skip(), str(NODE_DIR / "server.js")]
 
 
+async def publish_for_gone_caller(server_id: str) -> None:
+    """A request whose reply exchange does not exist (its caller has gone): the
+    reply is dropped and affects no other reply (docs/wire.rst, Replies)."""
+    conn = await broker_connect()
+    try:
+        channel = await conn.open_channel()
+        channel.publish(f"server_{server_id}_ex", server_id,
+                        json.dumps({"method": "add", "args": [1, 1]}).encode(),
+                        {"reply_to": f"client_gone_ex_{uuid.uuid4().hex}",
+                         "correlation_id": "gone", "content_type": "application/json"})
+    finally:
+        await conn.close()
+
+
 @pytest.mark.parametrize("direct", [False, True], ids=["reply-exchange", "direct-reply-to"])
 @pytest.mark.parametrize("kind", ["pika", "node"])
 @pytest_twisted.ensureDeferred
@@ -205,7 +222,8 @@ async def test_txcallme_proxy_calls_foreign_server(kind: str, direct: bool, serv
         assert (seen["args"], seen["kwargs"]) == ([1], {"k": "v"})
         with pytest.raises(RpcTimeout):
             await proxy.invoke(sid, "slow", [1.5], timeout=0.5)
-        assert await remote.add(2, 2) == 4  # still serving after the late one
+        await publish_for_gone_caller(sid)  # queued behind `slow`, before the next call
+        assert await remote.add(2, 2) == 4  # still serving after the late and gone ones
     finally:
         if server.ended.called is False:
             process.signalProcess(signal.SIGTERM)

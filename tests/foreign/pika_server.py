@@ -15,6 +15,7 @@ import time
 import traceback
 
 import pika
+import pika.exceptions
 
 
 def add(a, b):
@@ -87,12 +88,26 @@ def main(url: str, server_id: str) -> None:
     channel.queue_bind(queue, exchange, routing_key=server_id)
     channel.basic_qos(prefetch_count=1)
 
+    # Replies go out on a channel of their own, with confirms: a reply to an
+    # exchange that is gone (404) or may not be written (403) closes only that
+    # channel; the reply is dropped and the next one gets a new channel.
+    replies = [None]
+
+    def reply(reply_to: str, body: dict, correlation_id) -> None:
+        if replies[0] is None or not replies[0].is_open:
+            replies[0] = connection.channel()
+            replies[0].confirm_delivery()
+        try:
+            replies[0].basic_publish(*reply_destination(reply_to), json.dumps(body).encode(),
+                                     pika.BasicProperties(correlation_id=correlation_id,
+                                                          content_type="application/json"))
+        except pika.exceptions.ChannelClosedByBroker as e:
+            print(f"reply to {reply_to!r} dropped: {e}", file=sys.stderr, flush=True)
+
     def on_request(ch, method, props, body):
-        reply = handle(body, props)
-        if reply is not None and props.reply_to:
-            ch.basic_publish(*reply_destination(props.reply_to), json.dumps(reply).encode(),
-                             pika.BasicProperties(correlation_id=props.correlation_id,
-                                                  content_type="application/json"))
+        answer = handle(body, props)
+        if answer is not None and props.reply_to:
+            reply(props.reply_to, answer, props.correlation_id)
         ch.basic_ack(method.delivery_tag)
 
     channel.basic_consume(queue, on_request)

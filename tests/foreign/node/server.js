@@ -90,13 +90,42 @@ async function main(url, serverId) {
   await channel.assertQueue(queue, { durable: true, autoDelete: true, exclusive: false });
   await channel.bindQueue(queue, exchange, serverId);
   await channel.prefetch(1);
-  const { consumerTag } = await channel.consume(queue, async (msg) => {
-    const reply = await handle(msg);
-    const replyTo = msg.properties.replyTo;
-    if (reply !== null && replyTo) {
-      channel.publish(...replyDestination(replyTo), Buffer.from(JSON.stringify(reply)), {
-        correlationId: msg.properties.correlationId, contentType: 'application/json',
+  // Replies go out on a confirm channel of their own: a reply to an exchange
+  // that is gone (404) or may not be written (403) closes only that channel;
+  // the reply is dropped and the next one gets a new channel.
+  let replies = null;
+  const replyChannel = () => {
+    if (replies === null) {
+      const opened = connection.createConfirmChannel().then((ch) => {
+        ch.on('error', (e) => console.error(`reply channel closed: ${e.message}`));
+        ch.on('close', () => { if (replies === opened) replies = null; });
+        return ch;
       });
+      replies = opened;
+    }
+    return replies;
+  };
+  const reply = async (replyTo, body, correlationId) => {
+    const ch = await replyChannel();
+    await new Promise((resolve) => {
+      const dropped = (e) => {
+        console.error(`reply to ${replyTo} dropped: ${e.message}`);
+        resolve();
+      };
+      try {
+        ch.publish(...replyDestination(replyTo), Buffer.from(JSON.stringify(body)),
+          { correlationId, contentType: 'application/json' },
+          (err) => (err ? dropped(err) : resolve()));
+      } catch (e) {
+        dropped(e);
+      }
+    });
+  };
+  const { consumerTag } = await channel.consume(queue, async (msg) => {
+    const answer = await handle(msg);
+    const replyTo = msg.properties.replyTo;
+    if (answer !== null && replyTo) {
+      await reply(replyTo, answer, msg.properties.correlationId);
     }
     channel.ack(msg);
   });
