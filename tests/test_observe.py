@@ -21,7 +21,13 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from txcallme import _wire, observe
 from txcallme._prometheus import Counter, Gauge, Histogram, Registry
-from txcallme.errors import InvalidRequest, RequestExpired, RpcTimeout, UnknownMethod
+from txcallme.errors import (
+    InvalidRequest,
+    RequestExpired,
+    RpcTimeout,
+    UnknownMethod,
+    qualified_name,
+)
 from txcallme.serializers import JSON
 
 pytestmark = pytest.mark.timeout(60)
@@ -363,7 +369,14 @@ def test_refusals(telemetry: Telemetry) -> None:
     assert spans[0].name == "s/add"
     assert spans[1].attributes["error.type"] == "txcallme.errors.InvalidRequest"
     assert spans[1].name == "txcallme"
-    assert issubclass(RequestExpired, Exception)
+    [given] = spans[1].events  # the error passed in is the one recorded
+    assert given.attributes["exception.message"] == "bad JSON"
+    # without an error, each reason records its own exception type
+    assert spans[2].attributes["error.type"] == "txcallme.errors.PayloadTooLarge"
+    [stale] = spans[0].events
+    assert stale.attributes["exception.type"] == qualified_name(RequestExpired)
+    assert "'add' reached the server after its caller's deadline" in stale.attributes[
+        "exception.message"]
 
 
 def test_counters_and_pool_gauge(telemetry: Telemetry) -> None:

@@ -568,6 +568,8 @@ class ServerObserver:
             if error is None:
                 error = (RequestExpired(f"request {method!r} reached the server after its "
                                         "caller's deadline: not run") if reason == "stale"
+                         else PayloadTooLarge("request refused: too large")
+                         if reason == "too_large"
                          else InvalidRequest(f"request refused: {reason}"))
             span.set_attribute("txcallme.refused", reason)
             _fail_span(tracing, span, qualified_name(type(error)), str(error), error)
