@@ -6,8 +6,19 @@ each destination server its own channel confines that to the calls made to
 that server. The channel is in confirm mode and tells the outcome of each
 publish (:class:`~txcallme.amqp.PublishOutcome`), so the Proxy knows which
 requests the broker took: those keep waiting for their replies whatever
-happens to the channel later; only a request that came back (basic.return),
-was nacked, or was lost with its channel before a confirm counts as refused.
+happens to the channel later. A request counts as refused only when it came
+back (basic.return), was nacked, was never written, or is the one whose
+publish the broker refused (404/403) when it closed the channel.
+
+A request still unconfirmed when the broker closes the channel is of unknown
+fate: the broker handles a channel's publishes in order, so those written
+before the refused one were routed (and may be running), those after it were
+dropped. The refused one cannot be told apart from the ones after it, but the
+last one written is always one of the two (never run): only that one is
+refused; the others are reported *lost* and their calls keep waiting for their
+replies (which come on the reply queue, not on this channel) until their own
+timeouts. When the whole connection is lost, every unconfirmed request is
+refused with that error at once (the Proxy fails in-flight calls then anyway).
 
 Per request this costs one entry in a dict (confirm number -> correlation
 id), no Deferred.
@@ -21,7 +32,7 @@ from typing import Any
 from twisted.python.failure import Failure
 
 from txcallme.amqp import Channel, Connection, Delivery, Outcome, PublishOutcome
-from txcallme.errors import CallmeError
+from txcallme.errors import BrokerConnectionLost, CallmeError, ChannelError
 
 #: RabbitMQ's pseudo-queue for Direct Reply-to.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -39,6 +50,9 @@ class Destination:
     - *refused(destination, sent, error)*: the broker nacked requests, or the
       channel failed to open or died before confirming them (a 404/403 names
       the destination's exchange);
+    - *lost(destination, sent, error)*: the channel died before the broker
+      confirmed these requests, which may have been routed: their fate is
+      unknown (they must not be reported as refused);
     - *closed(destination, error)*: when the channel is gone.
 
     *taken(destination)* is called once at the next request the broker takes
@@ -54,6 +68,7 @@ class Destination:
                  closed: Callable[[Destination, CallmeError], None], *,
                  replies: Callable[[Delivery], None] | None = None,
                  taken: Callable[[Destination], None] | None = None,
+                 lost: Callable[[Destination, list[Sent], CallmeError], None] | None = None,
                  server_id: str | None = None) -> None:
         self._connection = connection
         self._replies = replies
@@ -67,12 +82,16 @@ class Destination:
         self._returned = returned
         self._refused = refused
         self._closed = closed
+        self._lost = lost
         self.channel: Channel | None = None
         self.dead = False
         self._opening = False
         self._seq = 0
         self._waiting: list[tuple[str, bytes, dict[str, Any]]] = []
         self._sent: dict[int, str] = {}
+        #: unconfirmed when the broker closed the channel with a 404/403: one of
+        #: them (or one before them) was refused; decided when the channel closes
+        self._closed_on: list[Sent] = []
 
     @property
     def unconfirmed(self) -> int:
@@ -171,10 +190,19 @@ class Destination:
         elif kind is Outcome.NACKED:
             self._refused(self, [(seq, corr)],
                           CallmeError("the broker refused the request (nack)"))
-        else:
+        else:  # LOST: the channel or connection died before the confirm
             error = outcome.error
-            self._refused(self, [(seq, corr)], error if isinstance(error, CallmeError)
-                          else CallmeError(outcome.reason or "request lost"))
+            if not isinstance(error, CallmeError):
+                error = CallmeError(outcome.reason or "request lost")
+            if isinstance(error, ChannelError):
+                # the broker closed the channel: maybe routed, maybe this one's
+                # refusal, maybe dropped after it; decided in _die
+                self._closed_on.append((seq, corr))
+            elif isinstance(error, BrokerConnectionLost):
+                # the connection is gone (the Proxy fails its in-flight calls)
+                self._refused(self, [(seq, corr)], error)
+            else:
+                self._report_lost([(seq, corr)], error)
 
     def _on_close(self, channel: Channel, error: CallmeError) -> None:
         if self.channel is channel:
@@ -183,19 +211,36 @@ class Destination:
 
     def _die(self, error: CallmeError) -> None:
         self.dead = True
-        lost = [(seq, corr) for seq, corr in self._sent.items()]  # no outcome came
+        unknown, self._closed_on = self._closed_on, []
+        unknown.extend(self._sent.items())  # written, and no outcome came
         self._sent.clear()
-        lost.extend((0, corr) for corr, _, _ in self._waiting)
+        refused = [(0, corr) for corr, _, _ in self._waiting]  # never written
         self._waiting.clear()
-        if lost:
-            self._refused(self, lost, error)
+        if unknown and isinstance(error, ChannelError) and error.code in (403, 404):
+            # the broker refused a publish of this channel (all go to one
+            # exchange): the last one written is the refused one or was dropped
+            # after it, never run; those before it may have been routed
+            unknown.sort()
+            refused.insert(0, unknown.pop())
+        elif unknown and isinstance(error, BrokerConnectionLost):
+            refused[:0] = unknown  # the connection is gone
+            unknown = []
+        if unknown:
+            self._report_lost(unknown, error)
+        if refused:
+            self._refused(self, refused, error)
         self._closed(self, error)
+
+    def _report_lost(self, sent: list[Sent], error: CallmeError) -> None:
+        if self._lost is not None:
+            self._lost(self, sent, error)
 
     def close(self) -> None:
         """Close the channel; nothing is reported for what it held."""
         self.dead = True
         self._waiting.clear()
         self._sent.clear()
+        self._closed_on.clear()
         channel, self.channel = self.channel, None
         if channel is not None and not channel.closed:
             channel.close()

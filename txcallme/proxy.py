@@ -120,6 +120,9 @@ class _Call:
     observed: observe.Call | None = None
     #: its confirm number on that destination (0: waiting for the channel)
     seq: int = 0
+    #: why its request's channel closed before the broker confirmed it (the
+    #: request may have been routed: the call waits for its reply)
+    unconfirmed: str | None = None
 
 
 class Proxy:
@@ -469,9 +472,11 @@ class Proxy:
                 connection, _wire.server_exchange(call.server_id),
                 callme_compat.ROUTING_KEY if self.callme_compat else call.server_id,
                 self._returned, self._refused, self._destination_closed,
-                replies=self._reply if self.direct_reply_to else None, taken=self._taken)
+                replies=self._reply if self.direct_reply_to else None, taken=self._taken,
+                lost=self._unconfirmed)
         call.destination = destination
         call.seq = 0
+        call.unconfirmed = None
         # a server queue that takes requests may have no consumer: count them
         # (once the broker has taken this request, so missing queues, whose
         # requests come back, are never declared passively)
@@ -599,6 +604,22 @@ class Proxy:
             if not (unroutable and self._retry_after_reconnect(corr)):
                 self._fail(corr, Failure(error))
 
+    def _unconfirmed(self, destination: Destination, sent: list[Sent],
+                     error: CallmeError) -> None:
+        """The broker closed the request channel before it confirmed these
+        requests: they may have been routed (and may be running), so their
+        calls keep waiting for their replies until their own timeouts."""
+        n = 0
+        for _, corr in sent:
+            call = self._pending.get(corr)
+            if call is not None and call.destination is destination:
+                call.unconfirmed = str(error)
+                n += 1
+        if n:
+            log.info("the request channel to {server_id} closed ({error}) before the broker "
+                     "confirmed {n} requests, which may have been routed: their calls wait "
+                     "for their replies", server_id=_server_id(destination), error=error, n=n)
+
     def _in_grace(self, now: float) -> bool:
         return self._connected_at is not None and now - self._connected_at <= RECONNECT_GRACE
 
@@ -661,6 +682,10 @@ class Proxy:
                     and not self.direct_reply_to \
                     and now - self._reply_checked_at >= CONSUMER_CHECK_INTERVAL:
                 self._check_reply_exchange(self._live, now)  # was the reply lost?
+            if call.unconfirmed is not None:
+                error.args = (f"{error}: the channel of its request closed before the broker "
+                              f"confirmed it ({call.unconfirmed}); the server may have run "
+                              "it",)
             check = self._checks.get(call.server_id)
             if check is not None and check.no_consumer:
                 error.args = (f"{error}: its server queue "
