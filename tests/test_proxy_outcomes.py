@@ -205,3 +205,41 @@ class DirectReplyToTests(_Base):
         self.failureResultOf(d2, ServerUnavailable)
         error = self.failureResultOf(d1, BrokerConnectionLost).value
         self.assertIn("Direct Reply-to", str(error))
+
+
+class LongUserNameTests(SynchronousTestCase):
+    """A user name that makes the reply names exceed AMQP's 255 bytes is refused
+    by the constructor (it used to retry its set-up forever on an EncodeError)."""
+
+    def test_over_the_limit_refused(self) -> None:
+        broker = ScriptedBroker()
+        for user in ("u" * 210, "\u00e9" * 105):  # 210 bytes either way
+            with self.assertRaises(ValueError) as caught:
+                Proxy(params=broker.params(user=user), reactor=broker.clock)
+            message = str(caught.exception)
+            self.assertIn("at most 209 bytes", message)
+            self.assertIn("255", message)
+        self.assertEqual(broker.peers, [])  # nothing connected
+        self.assertEqual(broker.clock.getDelayedCalls(), [])
+
+    def test_at_the_limit_works(self) -> None:
+        """209 bytes: a 255-byte reply queue name, declared and consumed; a call works."""
+        broker = ScriptedBroker()
+        server = CallmeServerService("s", params=broker.params(), reactor=broker.clock,
+                                     threading=False)
+        server.register_function(lambda: "ok", "f")
+        server.startService()
+        broker.run(server.when_ready())
+        proxy = Proxy(params=broker.params(user="u" * 209), reactor=broker.clock)
+        broker.run(proxy.when_ready())
+        self.assertEqual(len(proxy.queue.encode()), 255)
+        self.assertEqual(broker.run(proxy.call("s", "f")), "ok")
+        broker.run(proxy.close())
+        broker.run(server.stopService())
+
+    def test_direct_reply_to_has_no_limit(self) -> None:
+        """With Direct Reply-to no reply names are made: the long user is accepted."""
+        broker = ScriptedBroker()
+        proxy = Proxy(params=broker.params(user="u" * 300), reactor=broker.clock,
+                      direct_reply_to=True)
+        broker.run(proxy.close())

@@ -179,6 +179,7 @@ class Proxy:
         self.exchange = ""
         self.queue = ""
         if not direct_reply_to:
+            check_reply_user(self.params.user)
             self._new_names()
         self._reply_to = DIRECT_REPLY_TO if direct_reply_to else self.exchange
         self._names_used = False
@@ -730,6 +731,22 @@ class Proxy:
             callme_compat.settle(call.deferred, self.errors, delivery.body)
         else:
             settle(call.deferred, self.serializer, self.errors, delivery.body)
+
+
+def check_reply_user(user: str) -> str:
+    """Refuse an AMQP user name that makes the reply object names longer than
+    AMQP's 255 bytes (they carry the user name and a 32-character uid): the
+    Proxy could never declare them. Direct Reply-to declares none."""
+    name = _wire.client_queue(user, "0" * 32)  # the longer of the two names
+    size = len(name.encode("utf-8"))
+    if size > 255:
+        limit = 255 - (size - len(user.encode("utf-8")))
+        raise ValueError(
+            f"the AMQP user name is {len(user.encode('utf-8'))} bytes (UTF-8): this Proxy's "
+            f"reply queue name client_<user>_queue_<uid> would be {size} bytes, over AMQP's "
+            f"limit of 255; use a user name of at most {limit} bytes, or "
+            "direct_reply_to=True (no reply objects are declared)")
+    return user
 
 
 def _server_id(destination: Destination) -> str:
