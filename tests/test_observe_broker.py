@@ -1,5 +1,6 @@
 """Traces and metrics through the real broker: spans across the broker hop, refusals,
-and a Prometheus scrape whose counts equal the calls made."""
+and a Prometheus scrape whose counts equal the calls made; and the request fields of
+warn/error log events (those hard to cause on a real broker in memory, on a Clock)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from twisted.web.client import Agent, readBody
 
 from txcallme import RpcTimeout, ServerUnavailable, UnknownMethod, observe
 from txcallme._metrics_http import metrics_site
+from txcallme.errors import AccessRefused, ChannelError, PublishNacked
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.filterwarnings("ignore:Using readBody")]
 
@@ -489,3 +491,162 @@ async def test_server_unavailable_client_span(
     assert event.name == "exception"
     assert event.attributes["exception.type"] == "txcallme.errors.ServerUnavailable"
     assert count(values(observe.prometheus_text()), "client", sid, "add", "unavailable") == 1
+
+
+# -- warn/error events carry server_id, method and correlation_id (issue 13 item 4) ------
+
+
+@pytest.fixture
+def logged() -> Iterator[list[dict[str, Any]]]:
+    """The warn, error and critical events of the callme.server namespace."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "callme.server" and event.get("log_level") in (
+                LogLevel.warn, LogLevel.error, LogLevel.critical):
+            events.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)
+
+
+def _fail_next_reply(server: Any, error: Exception) -> None:
+    """The server's next reply publish fails with *error* (later ones go through)."""
+    from twisted.internet.defer import fail
+
+    replies = server._replies
+    publish = replies.publish
+
+    def once(*args: Any) -> Any:
+        replies.publish = publish
+        return fail(error)
+
+    replies.publish = once
+
+
+def _refuse_dispatch(server: Any) -> None:
+    """The server's dispatcher raises instead of answering (it never does by itself)."""
+    def broken(request: Any, context: Any) -> Any:
+        server.test_corrs.append(context().correlation_id)
+        raise RuntimeError("dispatcher broken")
+
+    server.dispatcher.dispatch = broken
+
+
+# scenario: (what to do to the server before the call, the method called, the text of
+# the one event expected, whether the clock runs 60 s ahead of the caller's)
+EVENT_SCENARIOS = {
+    "clock skew": (None, "add", "this server's clock seems ahead", True),
+    "cannot start": (_refuse_dispatch, "add", "cannot start {method}", False),
+    "reply nacked": (lambda s: _fail_next_reply(s, PublishNacked()), "add",
+                     "not taken by the broker", False),
+    "reply refused": (lambda s: _fail_next_reply(s, AccessRefused(
+        403, "ACCESS_REFUSED - write access to exchange 'x' refused for user 'u'")), "add",
+        "may not reply to", False),
+    "reply failed": (lambda s: _fail_next_reply(s, ChannelError(
+        406, "PRECONDITION_FAILED - something")), "add", "cannot reply to", False),
+    "unserializable result": (None, "unserializable", "cannot be serialized", False),
+}
+
+
+@pytest.mark.parametrize("scenario", list(EVENT_SCENARIOS))
+def test_warn_events_of_one_request_carry_its_fields(
+        scenario: str, logged: list[dict[str, Any]]) -> None:
+    """Each warn/error event the server logs about a request (in memory, on a Clock) has
+    server_id, method and correlation_id as event fields: the request's own."""
+    from twisted.internet.task import Clock
+
+    from txcallme.testing import MemoryBroker
+
+    prepare, method, text, skewed = EVENT_SCENARIOS[scenario]
+    reply_lost = scenario in ("reply refused", "reply failed")
+    clock = Clock()
+    if skewed:  # the server's clock (this Clock) is 60 s ahead of the caller's time.time()
+        clock.advance(time.time() + 60)
+    broker = MemoryBroker(clock)
+    server = broker.server("logserver")
+    server.test_corrs = corrs = []  # type: ignore[attr-defined]
+
+    def add(a: int, b: int, context: Any) -> int:
+        corrs.append(context.correlation_id)
+        return a + b
+
+    def unserializable(context: Any) -> object:
+        corrs.append(context.correlation_id)
+        return object()
+
+    server.register_function(add, with_context=True)
+    server.register_function(unserializable, with_context=True)
+    proxy = broker.proxy(timeout=5)
+    try:
+        if prepare is not None:
+            prepare(server)
+        d = proxy.call("logserver", method, *((1, 2) if method == "add" else ()))
+        broker.settle()
+        if reply_lost:  # the server dropped the reply: the call times out
+            assert not d.called
+            clock.advance(5.1)
+        d.addErrback(lambda f: f.value)  # an error (reply) is fine: the log is the point
+        assert d.called
+    finally:
+        proxy.close()
+        server.stop()
+        broker.settle()
+    [corr] = set(corrs)
+    assert isinstance(corr, str) and corr
+    found = [e for e in logged if text in e["log_format"]]
+    assert len(found) == 1, [e["log_format"] for e in logged]
+    [event] = found
+    assert (event["server_id"], event["method"], event["correlation_id"]) == (
+        "logserver", method, corr)
+
+
+class _InlineReactor:
+    """callFromThread runs at once (a thread pool that runs inline needs nothing more)."""
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N802
+        f(*args, **kwargs)
+
+
+class _InlinePool:
+    """A thread pool that runs the work in the caller's thread, or refuses it."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any,  # noqa: N802
+                                 *args: Any, **kwargs: Any) -> None:
+        if self.refuse:
+            raise RuntimeError("the pool is stopped")
+        on_result(True, f(*args, **kwargs))
+
+
+@pytest.mark.parametrize(("refuse", "text"), [
+    (True, "cannot start {method}"), (False, "from a worker thread")])
+@pytest.mark.parametrize("with_context", [True, False])
+def test_dispatcher_events_carry_request_fields(
+        refuse: bool, text: str, with_context: bool, logged: list[dict[str, Any]]) -> None:
+    """The Dispatcher's own warn/error events about a request (the pool refused the work;
+    a blocking function returned a Deferred) carry server_id and correlation_id from the
+    CallContext, and method; without a context, server_id and correlation_id are None."""
+    from twisted.internet.defer import Deferred
+
+    from txcallme._wire import Request
+    from txcallme.serializers import JSON
+    from txcallme.server import CallContext, Dispatcher
+
+    dispatcher = Dispatcher(JSON, reactor=_InlineReactor(), thread_pool=_InlinePool(refuse))
+    dispatcher.register(lambda: Deferred(), "deferred", blocking=True)
+    context = (lambda: CallContext("dispserver", "deferred", "corr-7", "reply", False, None)) \
+        if with_context else None
+    body = dispatcher.dispatch(Request("deferred", [], {}, None), context)
+    assert b'"txcallme.errors.ServiceError"' in body.result  # type: ignore[attr-defined]
+    found = [e for e in logged if text in e["log_format"]]
+    assert len(found) == 1, [e["log_format"] for e in logged]
+    [event] = found
+    expected = ("dispserver", "corr-7") if with_context else (None, None)
+    assert (event["server_id"], event["correlation_id"]) == expected
+    assert event["method"] == "deferred"
