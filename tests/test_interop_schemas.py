@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -196,3 +197,37 @@ def test_documented_reserved_results_match_the_schemas() -> None:
     assert len(examples) == 2
     validator("ping").validate(examples[0])
     validator("describe").validate(examples[1])
+
+
+def permission_lines(text: str, prefix: str) -> set[tuple[str, ...]]:
+    """(user, configure, write, read) of every permission line in *text*."""
+    found = set()
+    for line in text.splitlines():
+        words = shlex.split(line.strip()) if line.strip().startswith(prefix) else []
+        if words:
+            found.add(tuple(words[-4:]))
+    return found
+
+
+def test_documented_permissions_are_readmes() -> None:
+    """docs/wire.rst gives README's grants, for reply exchanges and for Direct
+    Reply-to (the server writing amq.default, the client configuring and reading
+    nothing)."""
+    text = DOCS.read_text("utf-8")
+    readme = (DOCS.parent.parent / "README.rst").read_text("utf-8")
+    documented = (permission_lines(text, "carl ") | permission_lines(text, "olivia "))
+    given = permission_lines(readme, "rabbitmqctl set_permissions -p VHOST")
+    assert len(documented) == 4 and documented <= given, documented - given
+    assert ("olivia", "^$", "^server_fooserver_ex$", "^$") in documented
+    assert any(re.search(w, "amq.default") for user, _, w, _ in documented if user == "carl")
+
+
+def test_documented_direct_reply_to_rule_is_the_servers() -> None:
+    """The reply_to prefix docs/wire.rst routes to the default exchange is the
+    one the txcallme server tests."""
+    from txcallme.service import DIRECT_REPLY_TO
+
+    text = " ".join(DOCS.read_text("utf-8").split())
+    assert (f"1. ``reply_to`` starts with ``{DIRECT_REPLY_TO}``" in text
+            and "publish to the **default exchange** ``\"\"`` with routing key "
+                "``reply_to``, unchanged" in text)
