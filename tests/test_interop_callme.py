@@ -7,6 +7,7 @@ with a log line each while it keeps serving."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -16,14 +17,21 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import protocol, reactor
+from twisted.internet import protocol, reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import globalLogPublisher
 
-from tests.conftest import _created_names, broker_connect, sleep
+from tests.conftest import (
+    BROKER_HOST,
+    BROKER_PORT,
+    _created_names,
+    broker_connect,
+    sleep,
+    track_proxy,
+)
 from tests.test_compat_pickle import gadget_pickles
-from txcallme import RemoteError, RpcTimeout, ServerUnavailable, callme_compat
+from txcallme import Proxy, RemoteError, RpcTimeout, ServerUnavailable, blocking, callme_compat
 from txcallme.errors import InvalidRequest
 
 pytestmark = pytest.mark.timeout(120)
@@ -315,3 +323,49 @@ async def test_plain_proxy_while_callme_servers_remain(services: Any, sid: str,
     compat = await services.ready_proxy(timeout=3, callme_compat=True)
     answered = [(await compat.use_server(sid).who()).split(":")[0] for _ in range(6)]
     assert answered == ["tx"] * 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_blocking_compat_proxy_calls_callme_server(sid: str, callme_servers: Any) -> None:
+    """A txcallme.blocking.Proxy(callme_compat=True), called from a worker thread
+    (the reactor runs; crochet hands the calls to it), calls an unmodified callme
+    Server: results, tuples kept by pickle, the server's exceptions."""
+    await callme_servers(sid, "cm")
+
+    def make() -> blocking.Proxy:
+        return blocking.Proxy(amqp_host=BROKER_HOST, amqp_port=BROKER_PORT, timeout=10,
+                              callme_compat=True)
+
+    proxy = await threads.deferToThread(make)
+    track_proxy(proxy._proxy)
+    value = [1, (2, 3), {"k": {4}}, b"\x00\xff", None, 1.5]
+
+    def calls() -> list[Any]:
+        remote = proxy.use_server(sid)
+        got: list[Any] = [remote.add(1, 2), remote.echo(value), remote.who()]
+        try:
+            remote.div(1, 0)
+        except ZeroDivisionError as e:
+            got.append(e)
+        return got
+
+    try:
+        added, echoed, who, error = await threads.deferToThread(calls)
+    finally:
+        await threads.deferToThread(proxy.close)
+    assert added == 3
+    assert echoed == value
+    assert who.startswith("cm:")
+    assert isinstance(error, ZeroDivisionError)
+
+
+def test_blocking_proxy_takes_every_proxy_argument() -> None:
+    """README: txcallme.blocking.Proxy takes the same arguments as txcallme.Proxy
+    (but no reactor): same names, kinds and defaults."""
+    def parameters(cls: type) -> dict[str, tuple[Any, Any]]:
+        found = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: (p.kind, p.default) for p in found if p.name != "self"}
+
+    expected = parameters(Proxy)
+    del expected["reactor"]
+    assert parameters(blocking.Proxy) == expected

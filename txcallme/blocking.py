@@ -107,8 +107,10 @@ def _wait(function: Callable[..., Any], wait_seconds: float, /, *args: Any,
 class Proxy:
     """A blocking client for txcallme (and callme) servers.
 
-    Takes the arguments of :class:`txcallme.proxy.Proxy` (but no reactor);
-    ``timeout`` (seconds) is the default for every call. Connecting happens in
+    Takes the arguments of :class:`txcallme.proxy.Proxy` (but no reactor):
+    ``timeout`` (seconds) is the default for every call; ``callme_compat=True``
+    calls callme 0.2.0 servers, ``direct_reply_to=True`` takes replies through
+    RabbitMQ's Direct Reply-to, ``max_body_size`` bounds replies. Connecting happens in
     the background: a broker that cannot be reached or refuses the login
     makes calls raise BrokerUnreachable or AuthenticationError.
     """
@@ -126,6 +128,9 @@ class Proxy:
         ssl: bool | TLSSettings = False,
         params: ConnectionParams | None = None,
         serializer: Serializer = JSON,
+        max_body_size: int = 64 * 1024 * 1024,
+        direct_reply_to: bool = False,
+        callme_compat: bool = False,
     ) -> None:
         _check_thread()
         _start_reactor()
@@ -140,7 +145,8 @@ class Proxy:
             self._proxy: AsyncProxy = _wait(
                 self._create, WAIT_MARGIN, amqp_host, amqp_port, amqp_user,
                 amqp_password, amqp_vhost, timeout, amqp_url=amqp_url, ssl=ssl,
-                params=params, serializer=serializer)
+                params=params, serializer=serializer, max_body_size=max_body_size,
+                direct_reply_to=direct_reply_to, callme_compat=callme_compat)
         except crochet.TimeoutError:
             # _create is queued (callFromThread, first in first out) before
             # _abandon, so _abandon sees whatever _create made and closes it.
