@@ -10,6 +10,9 @@ small loop of our own rather than Twisted's ``ClientService``: ClientService
 leaves a connection whose preparation failed open and then raises
 ``NoTransition`` when it closes, and fails ``whenConnected`` waiters in the
 middle of a state change, so a waiter cannot stop the service from its errback.
+:meth:`Session.stop` may be called from inside the owner's set-up (a refusal the
+owner declares fatal): the set-up ends, its connection is closed, nothing is
+retried and no "reconnecting" is logged.
 """
 
 from __future__ import annotations
@@ -34,6 +37,22 @@ def backoff(attempt: int, initial: float = 0.5, maximum: float = 10.0) -> float:
     """Seconds to wait before retry *attempt* (1-based), with 0-10% jitter."""
     delay: float = min(initial * 2 ** (attempt - 1), maximum)
     return delay * (1 + random.random() / 10)
+
+
+class _Attempt:
+    """One connect-login-prepare attempt of a :class:`Session`."""
+
+    def __init__(self) -> None:
+        self.deferred: Deferred[Connection] | None = None
+        #: the owner's set-up is running on this attempt's connection
+        self.preparing = False
+        #: stop() calls waiting for this abandoned attempt to end and close
+        self.closed: list[Deferred[None]] = []
+
+    def ended(self, _: Any = None) -> None:
+        waiters, self.closed = self.closed, []
+        for d in waiters:
+            d.callback(None)
 
 
 class Session:
@@ -62,7 +81,7 @@ class Session:
         self.last_error: Failure | None = None
         self.running = False
         self._failures = 0
-        self._attempt: Deferred[Connection] | None = None
+        self._attempt: _Attempt | None = None
         self._retry: Any = None
         self._waiters: list[tuple[Deferred[Connection], bool]] = []
         self._logged_in: Connection | None = None
@@ -90,29 +109,48 @@ class Session:
         return d
 
     def stop(self) -> Deferred[None]:
-        """Stop reconnecting and close the connection; fires when closed."""
+        """Stop reconnecting and close the connection; fires when closed.
+
+        Safe to call from inside the owner's *prepare* (a refusal it declares
+        fatal): from then on the session is not running, so the end of that
+        connection, whoever closes it, is not reported as "reconnecting"; the
+        set-up's connection is closed once *prepare* returns (or cancelled on
+        the next turn if it is still waiting).
+        """
         self.running = False
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
-        if self._attempt is not None:
-            self._attempt.cancel()
+        attempt, self._attempt = self._attempt, None
+        waiting: Deferred[None] | None = None
+        if attempt is not None and attempt.deferred is not None:
+            if attempt.preparing:
+                # Cancelling now could throw into the owner's code while it runs
+                # (stop() called from prepare): cancel on the next turn. By then a
+                # prepare that returned has had its connection closed as abandoned.
+                waiting = Deferred()
+                attempt.closed.append(waiting)
+                self._reactor.callLater(0, attempt.deferred.cancel)
+            else:
+                attempt.deferred.cancel()
         waiters, self._waiters = self._waiters, []
         for d, _ in waiters:
             d.errback(CallmeError(f"{self._name} was stopped"))
         connection, self.connection = self.connection, None
         if connection is not None:
             return connection.close()
-        return succeed(None)
+        return waiting if waiting is not None else succeed(None)
 
     # -- the loop ------------------------------------------------------------
 
     def _connect(self) -> None:
         self._retry = None
-        self._attempt = Deferred.fromCoroutine(self._try_once())
-        self._attempt.addCallbacks(self._connected, self._failed)
+        attempt = self._attempt = _Attempt()
+        attempt.deferred = Deferred.fromCoroutine(self._try_once(attempt))
+        attempt.deferred.addCallbacks(self._connected, self._failed, callbackArgs=(attempt,),
+                                      errbackArgs=(attempt,))
 
-    async def _try_once(self) -> Connection:
+    async def _try_once(self, attempt: _Attempt) -> Connection:
         proto = await self._endpoint.connect(self._factory)
         proto.connection.address = self._endpoint.last_address
         proto.max_body_size = self._max_body_size
@@ -120,7 +158,11 @@ class Session:
         try:
             connection = await handshake(proto)
             self._logged_in = connection
-            await self._prepared(connection)
+            attempt.preparing = True
+            try:
+                await self._prepared(connection)
+            finally:
+                attempt.preparing = False
         except BaseException:
             proto.transport.abortConnection()
             raise
@@ -148,11 +190,11 @@ class Session:
             if timer.active():
                 timer.cancel()
 
-    def _connected(self, connection: Connection) -> None:
-        self._attempt = None
-        if not self.running:
-            connection.close()
+    def _connected(self, connection: Connection, attempt: _Attempt) -> None:
+        if attempt is not self._attempt:  # stop() abandoned it (maybe from prepare)
+            connection.close().addBoth(attempt.ended)
             return
+        self._attempt = None
         self._failures = 0
         self.connection = connection
         self.ever_connected = True
@@ -164,13 +206,14 @@ class Session:
         for d, _ in waiters:
             d.callback(connection)
 
-    def _failed(self, reason: Failure) -> None:
-        self._attempt = None
-        if not self.running:
+    def _failed(self, reason: Failure, attempt: _Attempt) -> None:
+        if attempt is not self._attempt:
             # stop() cancelled the attempt (and failed the waiters): whatever the
             # cancel turned into (a HostnameEndpoint still resolving fails with
             # "DNS lookup failed: Couldn't find the hostname"), it is no news.
+            attempt.ended()
             return
+        self._attempt = None
         self.last_error = reason
         self._failures += 1
         logged_in, self._logged_in = self._logged_in, None
