@@ -21,7 +21,7 @@ from twisted.python.usage import UsageError
 
 from txcallme._wire import RESERVED_PREFIX
 from txcallme.errors import BrokerUnreachable, DeclarationRefused
-from txcallme.service import CallmeServerService
+from txcallme.service import DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE_EXPIRES, CallmeServerService
 from txcallme.tap import (
     EXIT_START_FAILED,
     FAILED_START_STOP_TIMEOUT,
@@ -368,6 +368,52 @@ def test_queue_type_and_stop_timeout(module: ModuleWriter) -> None:
     assert make_server(parse("--server-id", "foo", "--module", name)).queue_type == "classic"
     with pytest.raises(UsageError, match="classic, quorum"):
         parse("--server-id", "foo", "--module", name, "--queue-type", "stream")
+
+
+def test_queue_expires_and_delivery_limit(module: ModuleWriter) -> None:
+    """--queue-expires and --delivery-limit reach the quorum queue's declaration (x-expires
+    in ms, x-delivery-limit) and its delivery limit; without them the service defaults."""
+    name = module(ADD)
+    server = make_server(parse("--server-id", "foo", "--module", name, "--queue-type",
+                               "quorum", "--queue-expires", "90.5", "--delivery-limit", "3"))
+    assert server.declarations.queue_arguments == {
+        "x-queue-type": "quorum", "x-expires": 90500, "x-delivery-limit": 3}
+    assert server.declarations.delivery_limit == 3
+    default = make_server(parse("--server-id", "foo", "--module", name, "--queue-type",
+                                "quorum"))
+    assert default.declarations.queue_arguments == {
+        "x-queue-type": "quorum", "x-expires": round(DEFAULT_QUEUE_EXPIRES * 1000),
+        "x-delivery-limit": DEFAULT_DELIVERY_LIMIT}
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--queue-expires", "0"), ("--queue-expires", "-5"), ("--queue-expires", "soon"),
+    ("--queue-expires", "nan"), ("--queue-expires", "inf"),
+    ("--delivery-limit", "0"), ("--delivery-limit", "-1"), ("--delivery-limit", "2.5"),
+    ("--delivery-limit", "many"),
+])
+def test_bad_queue_expires_or_delivery_limit(module: ModuleWriter, option: str,
+                                              value: str) -> None:
+    """A lease that is not a positive number of seconds, or a delivery limit that is not a
+    whole number of at least 1, is a UsageError naming the option and the value."""
+    with pytest.raises(UsageError) as info:
+        parse("--server-id", "foo", "--module", module(ADD), "--queue-type", "quorum",
+              option, value)
+    message = str(info.value)
+    assert option in message and message.endswith(f": {value}"), message
+    expected = "positive number of seconds" if option == "--queue-expires" else "1 or more"
+    assert expected in message, message
+
+
+@pytest.mark.parametrize("option, value", [("--queue-expires", "60"),
+                                           ("--delivery-limit", "5")])
+def test_quorum_options_need_quorum(module: ModuleWriter, option: str, value: str) -> None:
+    """--queue-expires and --delivery-limit with a classic queue (the default or given)
+    are a UsageError rather than silently ignored."""
+    name = module(ADD)
+    for queue_type in ([], ["--queue-type", "classic"]):
+        with pytest.raises(UsageError, match=f"{option} applies to --queue-type quorum only"):
+            parse("--server-id", "foo", "--module", name, *queue_type, option, value)
 
 
 def test_processes_gives_a_worker_monitor(module: ModuleWriter, tmp_path: Path) -> None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import atexit
 import importlib
 import inspect
+import math
 import os
 import sys
 from collections.abc import Callable
 from types import ModuleType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -32,7 +33,12 @@ from twisted.python.logfile import LogFile
 from twisted.runner.procmon import ProcessMonitor
 
 from txcallme.amqp import TLSSettings, connection_params
-from txcallme.service import QUEUE_TYPES, CallmeServerService
+from txcallme.service import (
+    DEFAULT_DELIVERY_LIMIT,
+    DEFAULT_QUEUE_EXPIRES,
+    QUEUE_TYPES,
+    CallmeServerService,
+)
 
 log = Logger(namespace="callme.server")
 
@@ -64,6 +70,26 @@ def _queue_type(value: str) -> str:
     if value not in QUEUE_TYPES:
         raise ValueError(f"must be one of {', '.join(QUEUE_TYPES)}: {value}")
     return value
+
+
+def _queue_expires(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"--queue-expires must be a positive number of seconds: {value}")
+    return number
+
+
+def _delivery_limit(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"--delivery-limit must be a whole number, 1 or more: {value}")
+    return number
 
 
 def _log_format(value: str) -> str:
@@ -104,6 +130,11 @@ class Options(usage.Options):
         ["ssl-key", None, None, "Client private key file (PEM)."],
         ["queue-type", None, "classic", "Server queue: classic (one node) or quorum "
          "(replicated over a cluster).", _queue_type],
+        ["queue-expires", None, None, "With --queue-type quorum: seconds the queue stays "
+         f"once no instance consumes it [default: {DEFAULT_QUEUE_EXPIRES:g}].", _queue_expires],
+        ["delivery-limit", None, None, "With --queue-type quorum: times one request may run "
+         "without an answer (its server died) before it is answered with an error "
+         f"[default: {DEFAULT_DELIVERY_LIMIT}].", _delivery_limit],
         ["stop-timeout", None, 60.0, "Seconds a stop waits for running calls.", _seconds],
         ["processes", "p", 1, "Worker processes serving the server id, supervised and "
          "restarted if they die.", _at_least_one],
@@ -151,6 +182,9 @@ class Options(usage.Options):
         if self["callme-compat"] and self["queue-type"] != "classic":
             raise usage.UsageError("--callme-compat needs --queue-type classic (callme's "
                                    "queue flags)")
+        for option in ("queue-expires", "delivery-limit"):
+            if self[option] is not None and self["queue-type"] != "quorum":
+                raise usage.UsageError(f"--{option} applies to --queue-type quorum only")
         module = import_module(self["module"])
         self["functions"] = exposed_functions(module)
 
@@ -488,6 +522,13 @@ def worker_monitor(options: Options, *, reactor: Any = None) -> WorkerMonitor:
     return monitor
 
 
+_T = TypeVar("_T")
+
+
+def _given(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
+
+
 def make_server(options: Options) -> CallmeServerService:
     """The server service for parsed *options* (without twistd's runner)."""
     threads = options["threads"]
@@ -503,6 +544,8 @@ def make_server(options: Options) -> CallmeServerService:
         options["server-id"], params=options["params"], threading=threads > 0,
         threads=max(threads, 1), prefetch=options["prefetch"],
         queue_type=options["queue-type"], stop_timeout=options["stop-timeout"],
+        queue_expires=_given(options["queue-expires"], DEFAULT_QUEUE_EXPIRES),
+        delivery_limit=_given(options["delivery-limit"], DEFAULT_DELIVERY_LIMIT),
         callme_compat=bool(options["callme-compat"]))
     for name, func in options["functions"].items():
         service.register_function(func, name)
