@@ -449,6 +449,45 @@ async def test_waiting_requests_requeued_on_stop_leave_no_call_in_flight(
 
 
 @pytest_twisted.ensureDeferred
+async def test_waiting_requests_dropped_with_the_connection_end_requeued(
+        telemetry: Telemetry, services: Services, sid: str) -> None:
+    """A request waiting for a thread when the server's connection drops (the broker
+    requeues it) ends requeued at once, while the running call goes on; both are
+    redelivered and answered, and nothing is left in flight."""
+    held: list[Any] = []
+    gate = threading.Event()
+    runs: list[str] = []
+
+    def slow() -> str:
+        runs.append("slow")
+        if len(runs) == 1:
+            _wait_for_a_second_request(held[0], 0)
+            gate.wait(20)
+        return "slow"
+
+    svc = await services.start_server(sid, {"slow": slow, "quick": lambda: "quick"},
+                                      threading=True, threads=1)
+    held.append(svc)
+    proxy = await services.ready_proxy(timeout=30)
+    try:
+        first, second = proxy.call(sid, "slow"), proxy.call(sid, "quick")
+        await until(lambda: bool(svc._waiting))
+        # a second instance keeps the auto-delete queue (and the requeued requests)
+        await services.start_server(sid, {"slow": slow, "quick": lambda: "quick"})
+        svc._session.connection.protocol.transport.abortConnection()
+        await until(lambda: not svc._waiting)
+        [requeued] = [s for s in telemetry.finished() if s.attributes.get("txcallme.requeued")]
+        assert requeued.name == f"{sid}/quick" and requeued.kind is SpanKind.SERVER
+        assert "txcallme.refused" not in requeued.attributes
+        assert not gate.is_set() and runs[0] == "slow"  # the first slow still runs
+    finally:
+        gate.set()
+    assert (await first, await second) == ("slow", "quick")  # redelivered, answered
+    await until(lambda: values(observe.prometheus_text())[
+        ("txcallme_server_calls_in_flight", (("server_id", sid),))] == 0)
+
+
+@pytest_twisted.ensureDeferred
 async def test_tracestate_reaches_the_server_span(
         telemetry: Telemetry, services: Services, sid: str) -> None:
     """A tracestate on the caller's context travels with the request: the SERVER span's
