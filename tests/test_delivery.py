@@ -180,27 +180,42 @@ async def test_heartbeats_survive_blocking_handlers() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_stop_does_not_wait_forever_for_a_stuck_call() -> None:
-    """stopService gives up on a call that never finishes after stop_timeout; it is requeued."""
+    """stopService waits stop_timeout for a call that never finishes, then gives up
+    on it and closes: its request goes back to the queue (kept here: durable)."""
     sid = new_server_id()
+    queue = txcallme._wire.server_queue(sid)
+    started: Deferred[None] = Deferred()
     never: Deferred[None] = Deferred()
-    svc = await _server(sid, stop_timeout=0.5)
-    svc.register_function(lambda: never, "stuck")
-    proxy = track_proxy(txcallme.Proxy(timeout=10, reactor=reactor))
+
+    def stuck() -> Deferred[None]:
+        started.callback(None)
+        return never
+
+    svc = await _server(sid, stop_timeout=1.0, durable=True)
+    svc.register_function(stuck, "stuck")
+    proxy = track_proxy(txcallme.Proxy(timeout=60, reactor=reactor))
+    client = await RawClient().open(reply_queue=False)
     try:
         call = proxy.call(sid, "stuck")
-        await sleep(0.3)
-        started = time.monotonic()
-        await svc.stopService()
-        assert time.monotonic() - started < 3
-        # nothing serves the id any more; its queue went with the last consumer
-        with pytest.raises(txcallme.ServerUnavailable):
-            await proxy.use_server(sid, timeout=5).stuck()
+        await started
+        begun = time.monotonic()
+        # broken, the stop never ends: give up on it well before pytest's timeout
+        await svc.stopService().addTimeout(30, reactor)
+        elapsed = time.monotonic() - begun
+        # it waited for the running call (0.9: the timer is on time.time()), and
+        # then not much longer, however loaded the machine
+        assert 0.9 <= elapsed < 15, elapsed
+        assert await client.message_count(queue) == 1  # not acked: requeued
         call.cancel()  # its request was taken: it waits for a reply until cancelled
         with pytest.raises(CancelledError):
             await call
     finally:
         never.callback(None)
         await proxy.close()
+        assert client.channel is not None
+        await client.channel.delete_queue(queue)
+        await client.channel.delete_exchange(txcallme._wire.server_exchange(sid))
+        await client.close()
 
 
 @pytest_twisted.ensureDeferred
