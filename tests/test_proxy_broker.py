@@ -14,9 +14,10 @@ import pytest
 import pytest_twisted
 from _brokerctl import ctl, rand
 from conftest import Services, broker_connect, new_server_id, sleep
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 import txcallme
+import txcallme.proxy
 
 
 def slow(seconds: float) -> float:
@@ -105,8 +106,25 @@ async def test_reply_queue_deleted_fails_at_once_and_recovers(services: Services
     assert await proxy.call(sid, "add", 1, 1) == 2
     assert proxy.queue != old
     assert old not in ctl("list_queues", "name").split()
-    await sleep(3.5)  # the replies to the failed calls reach nothing: dropped
-    assert proxy.pending_count == 0
+    # the server still ran the 4 calls; their replies reach nothing (the reply
+    # exchange went with its queue) and the server acks the requests anyway: none
+    # is requeued or left unacknowledged on its queue
+    queue = f"server_{sid}_queue"
+
+    def counts() -> tuple[str, str] | None:
+        for line in ctl("list_queues", "name", "messages_ready",
+                        "messages_unacknowledged").splitlines():
+            fields = line.split()
+            if fields[:1] == [queue]:
+                return fields[1], fields[2]
+        return None
+
+    deadline = time.monotonic() + 30
+    left = await threads.deferToThread(counts)
+    while left != ("0", "0"):
+        assert time.monotonic() < deadline, f"{queue}: ready, unacknowledged = {left}"
+        await sleep(0.5)
+        left = await threads.deferToThread(counts)
 
 
 @pytest_twisted.ensureDeferred
@@ -123,6 +141,44 @@ async def test_proxy_reconnects_with_fresh_reply_names(services: Services, sid: 
     assert (proxy.exchange, proxy.queue) != old
     assert proxy.exchange.startswith("client_guest_ex_")
     assert await proxy.call(sid, "add", 2, 3) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_closed_again_during_republish_grace(
+        services: Services, sid: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9 scenario 4: after `rabbitmqctl close_connection` of the Proxy's
+    connection a call to a server not back yet waits for its re-publish (grace
+    period); the connection is closed again meanwhile; the call goes out on the
+    next connection and is answered once the server starts (not a timeout).
+
+    The re-publish delay is raised for the second close, so that the call is
+    known to be waiting (not in flight) while rabbitmqctl closes the connection."""
+    proxy = await services.ready_proxy(timeout=60)
+    first = proxy._session.connection
+    ctl("close_connection", connection_pid(proxy), "txcallme test: close the proxy")
+    await wait_for(lambda: proxy._live is not None and proxy._session.connection
+                   not in (None, first), 30, "the proxy's first reconnection")
+    second = proxy._session.connection
+    pid = connection_pid(proxy)  # (rabbitmqctl blocks the reactor: before the call)
+    monkeypatch.setattr(txcallme.proxy, "RECONNECT_GRACE", 120.0)
+    monkeypatch.setattr(txcallme.proxy, "RETRY_DELAY", 30.0)
+    call = proxy.call(sid, "add", 2, 3)
+    outcome: list[Any] = []
+    call.addBoth(outcome.append)
+    await wait_for(lambda: bool(proxy._retry) or bool(outcome), 10,
+                   "the call's request to come back (no server yet)")
+    assert outcome == [] and len(proxy._retry) == 1  # waiting for its re-publish
+    ctl("close_connection", pid, "txcallme test: close the proxy again")
+    monkeypatch.setattr(txcallme.proxy, "RETRY_DELAY", 0.25)
+    await wait_for(lambda: proxy._live is not None and proxy._session.connection
+                   not in (None, first, second), 30, "the proxy's second reconnection")
+    await sleep(0.5)
+    assert outcome == []  # published again on the new connection, still no server
+    await services.start_server(sid, {"add": add})
+    start = time.monotonic()
+    await wait_for(lambda: bool(outcome), 30, "the call's answer")
+    assert outcome == [5], outcome
+    assert time.monotonic() - start < 20
 
 
 @pytest_twisted.ensureDeferred
