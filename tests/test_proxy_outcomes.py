@@ -243,3 +243,25 @@ class LongUserNameTests(SynchronousTestCase):
         proxy = Proxy(params=broker.params(user="u" * 300), reactor=broker.clock,
                       direct_reply_to=True)
         broker.run(proxy.close())
+
+
+class ConsumerCountAfterCloseTests(_Base):
+    def test_count_armed_on_a_closed_channel_is_armed_again(self) -> None:
+        """A consumer count waiting for a request the closed channel never confirmed
+        is not left pending for good: the next request the broker takes on the new
+        channel starts it (a passive queue.declare of the server queue)."""
+        def counts() -> int:
+            return sum(1 for m in self.proxy_peer.sent("queue.declare")
+                       if m.args["passive"] and m.args["queue"] == "server_s_queue")
+
+        self.routed_unconfirmed("slow", 5)  # armed the count; never confirmed
+        self.failureResultOf(self.refused_call(), ServerUnavailable)
+        self.assertEqual(counts(), 0)
+        self.broker.missing_exchanges.discard(EXCHANGE)
+        self.broker.auto_confirm = True
+        self.broker.advance(1.5)
+        d = self.proxy.call("s", "slow", 0)
+        self.broker.flush()
+        self.assertEqual(counts(), 1)
+        self.broker.advance(1)
+        self.assertEqual(self.successResultOf(d), "ok")

@@ -643,6 +643,9 @@ class Proxy:
     def _destination_closed(self, destination: Destination, error: CallmeError) -> None:
         if self._destinations.get(_server_id(destination)) is destination:
             del self._destinations[_server_id(destination)]
+        check = self._checks.get(_server_id(destination))
+        if destination.want_taken and check is not None and check.armed:
+            check.armed = False  # its count waited for a request this channel never took
         if self.direct_reply_to and not self._closed:
             # the channel was also where the replies came: those are lost
             lost = BrokerConnectionLost(
