@@ -444,9 +444,6 @@ def test_refusal_on_first_start_is_fatal_scripted(code: int) -> None:
     assert _outcome(svc.stopService()) is None
 
 
-@pytest.mark.xfail(strict=True, reason="needs the one-line change in service.py "
-                   "CallmeServerService._prepare: `self._session.stop()` instead of "
-                   "`self._reactor.callLater(0, self._session.stop)` (issue 11)")
 def test_fatal_541_does_not_log_reconnecting() -> None:
     """After "Not retrying" for a 541 on the first start, the broker's close of the
     connection is not reported as "lost the connection ...; reconnecting": the session

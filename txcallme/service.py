@@ -505,10 +505,10 @@ class CallmeServerService(Service):
         except DeclarationRefused:
             if self._fatal is None:
                 raise  # after the first start: the session retries with backoff
-            # The first start: fatal, and the session must not log a retry. The
-            # set-up "succeeds", when_ready() has already failed, and the session
-            # stops (closing this connection) on the next turn.
-            self._reactor.callLater(0, self._session.stop)
+            # The first start: fatal. Stop the session now, from inside the set-up:
+            # it closes this connection once the set-up returns, and neither
+            # retries nor logs "reconnecting" (when_ready() has already failed).
+            self._session.stop()
             return
         if self._stopping:
             return  # its consumer was cancelled: no exchange check to schedule
