@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from conftest import BROKER_HOST, BROKER_PORT, broker_connect, new_server_id, sleep
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 
 from txcallme import NotFound, RpcTimeout, ServerUnavailable
 
@@ -252,6 +252,78 @@ async def test_sigterm_waits_for_running_call(processes: Processes, services: An
     assert stopped_by_sigterm(process.returncode), log.read_text()
     assert answered[0] <= exited[0]
     assert "waiting for 1 running calls to finish" in log.read_text()
+
+
+STUCK_MODULE = """
+import threading
+from pathlib import Path
+
+FOREVER = threading.Event()
+
+def add(a, b):
+    return a + b
+
+def stuck(marker):
+    Path(marker).touch()
+    FOREVER.wait()  # never set
+"""
+
+
+async def messages_ready(name: str) -> int:
+    """Messages ready in queue *name* (passive declare)."""
+    connection = await broker_connect()
+    try:
+        channel = await connection.open_channel()
+        ok = await channel.declare_queue(name, passive=True)
+        await channel.close()
+        return int(ok.message_count)
+    finally:
+        await connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_with_a_stuck_call_exits_after_stop_timeout(
+        processes: Processes, services: Any, tmp_path: Path) -> None:
+    """SIGTERM while a threaded call is blocked for good: ``twistd -n callme`` waits
+    --stop-timeout for it, then exits (its worker thread does not hold the process)
+    and the request goes back to the queue (a quorum queue here, which stays)."""
+    server_id = new_server_id()
+    queue = f"server_{server_id}_queue"
+    (tmp_path / "stuckmod.py").write_text(textwrap.dedent(STUCK_MODULE))
+    marker = tmp_path / "started"
+    try:
+        process, log = processes.twistd(
+            "--pidfile=", "-n", "callme", "--server-id", server_id, "--module", "stuckmod",
+            "--threads", "2", "--stop-timeout", "1", "--queue-type", "quorum", cwd=tmp_path)
+        proxy = services.proxy(timeout=120)
+        assert await call_when_serving(proxy, server_id, "add", 1, 1,
+                                       alive=lambda: process.poll() is None) == 2
+        call = proxy.call(server_id, "stuck", str(marker))
+        await wait_for(marker.exists, 10, "the stuck call to start")
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        await wait_for(lambda: process.poll() is not None, 15, "twistd to exit")
+        elapsed = time.monotonic() - signalled
+        text = log.read_text()
+        assert stopped_by_sigterm(process.returncode), text
+        assert elapsed >= 0.9, (elapsed, text)  # it waited --stop-timeout for the call
+        assert "1 calls still running after 1.0 s: closing anyway" in text, text
+        # the broker requeues the unacked request when the connection closes
+        await wait_for_value(lambda: messages_ready(queue), 1, 10, "the request requeued")
+        call.cancel()  # its request was taken: it waits for a reply until cancelled
+        with pytest.raises(CancelledError):
+            await call
+    finally:
+        await conflicting_queue(server_id, create=False)  # deletes queue and exchange
+
+
+async def wait_for_value(get: Any, expected: Any, timeout: float, what: str) -> None:
+    """Poll the coroutine function *get* every 0.2 s until it returns *expected*."""
+    deadline = time.monotonic() + timeout
+    while (value := await get()) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: got {value!r}, not {expected!r} after {timeout} s")
+        await sleep(0.2)
 
 
 async def conflicting_queue(server_id: str, create: bool) -> None:
