@@ -299,6 +299,21 @@ def test_ctrl_c_during_ping_exits_130(server: tuple[str, int], tmp_path: Path,
     assert "callme: interrupted" in output
 
 
+def test_ctrl_c_during_describe_exits_130(server: tuple[str, int], tmp_path: Path,
+                                          children: Children) -> None:
+    """Ctrl-C while ``callme describe`` waits for its answer exits 130, printing no
+    listing (the server is paused, so the answer cannot come first)."""
+    os.kill(server[1], signal.SIGSTOP)
+    try:
+        status, output = interrupt(["describe", server[0], "--timeout", "60"],
+                                   "connected to", signal.SIGINT, tmp_path, children)
+    finally:
+        os.kill(server[1], signal.SIGCONT)
+    assert status == cli.EXIT_INTERRUPTED, output
+    assert output.splitlines()[-1].startswith("callme: interrupted"), output
+    assert "add(a, b)" not in output, output
+
+
 def test_parse_arg() -> None:
     """JSON literals become values; anything else stays a string."""
     assert [cli.parse_arg(a) for a in ("1", "true", '"1"', "[1]", "a b", "{")] == [
