@@ -61,6 +61,12 @@ class _Base(SynchronousTestCase):
         broker.run(self.proxy.when_ready())
         self.proxy_peer = broker.peer
         self.assertIsNot(self.proxy_peer, self.server_peer)
+        # One confirmed call first: until the broker has given an outcome on the
+        # request channel, the Proxy writes one request at a time on it.
+        warm = self.proxy.call("s", "slow", 0)
+        broker.flush()
+        self.assertEqual(self.successResultOf(warm), "ok")
+        self.runs = 0
 
     def tearDown(self) -> None:
         broker = self.broker
@@ -102,7 +108,7 @@ class _Base(SynchronousTestCase):
         d = self.proxy.call("s", "slow", 1)
         self.broker.flush()
         publishes = [m for m in self.proxy_peer.methods if m.name == "basic.publish"]
-        self.assertEqual(len(publishes), 2)
+        self.assertEqual(len(publishes), 3)  # the warm-up call's, the routed one's, this
         return d
 
 
@@ -254,14 +260,54 @@ class ConsumerCountAfterCloseTests(_Base):
             return sum(1 for m in self.proxy_peer.sent("queue.declare")
                        if m.args["passive"] and m.args["queue"] == "server_s_queue")
 
+        self.broker.advance(1.5)  # past the warm-up call's count
+        before = counts()
         self.routed_unconfirmed("slow", 5)  # armed the count; never confirmed
         self.failureResultOf(self.refused_call(), ServerUnavailable)
-        self.assertEqual(counts(), 0)
+        self.assertEqual(counts(), before)
         self.broker.missing_exchanges.discard(EXCHANGE)
         self.broker.auto_confirm = True
         self.broker.advance(1.5)
         d = self.proxy.call("s", "slow", 0)
         self.broker.flush()
-        self.assertEqual(counts(), 1)
+        self.assertEqual(counts(), before + 1)
         self.broker.advance(1)
         self.assertEqual(self.successResultOf(d), "ok")
+
+
+class FirstRequestTests(_Base):
+    """Until the broker has given an outcome for one request on a destination
+    channel (so its exchange existed), the Proxy writes one request at a time on
+    it: a 404 then refuses exactly that one, and the others were never written."""
+
+    def requests_to(self, peer: BrokerPeer, exchange: str) -> list[Any]:
+        return [p for p in peer.published if p.exchange == exchange]
+
+    def test_calls_to_a_missing_server_fail_at_once_one_written(self) -> None:
+        self.broker.missing_exchanges.add("server_nobody_ex")
+        calls = [self.proxy.call("nobody", "slow", 0) for _ in range(5)]
+        self.broker.flush()
+        for d in calls:
+            self.failureResultOf(d, ServerUnavailable)
+        self.assertEqual(len(self.requests_to(self.proxy_peer, "server_nobody_ex")), 1)
+
+    def test_pipelined_once_the_first_request_has_an_outcome(self) -> None:
+        broker = self.broker
+        proxy = Proxy(params=broker.params(), reactor=broker.clock, timeout=30)
+        broker.run(proxy.when_ready())
+        peer = broker.peer
+        broker.auto_confirm = False
+        first = [proxy.call("s", "slow", 0) for _ in range(3)]
+        broker.flush()
+        written = self.requests_to(peer, EXCHANGE)
+        self.assertEqual(len(written), 1)  # the others wait for its outcome
+        peer.ack(written[0].channel, written[0].seq)
+        broker.flush()
+        self.assertEqual(len(self.requests_to(peer, EXCHANGE)), 3)
+        more = [proxy.call("s", "slow", 0) for _ in range(3)]
+        broker.flush()
+        self.assertEqual(len(self.requests_to(peer, EXCHANGE)), 6)  # no waiting now
+        _confirm_all(peer)
+        broker.flush()
+        self.assertEqual([self.successResultOf(d) for d in first + more], ["ok"] * 6)
+        broker.run(proxy.close())

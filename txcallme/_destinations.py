@@ -20,12 +20,21 @@ replies (which come on the reply queue, not on this channel) until their own
 timeouts. When the whole connection is lost, every unconfirmed request is
 refused with that error at once (the Proxy fails in-flight calls then anyway).
 
+That ambiguity is kept to a race (the exchange deleted between two publishes):
+until the broker has given an outcome for one request on a channel (so the
+exchange existed), only one request at a time is written on it and the others
+wait. A 404/403 then refuses exactly the one written; the waiting ones were
+never written and are refused with it, so a Proxy that calls a missing server,
+or reconnects before its servers have declared their exchanges again, knows
+every request's fate at once (and may publish it again).
+
 Per request this costs one entry in a dict (confirm number -> correlation
 id), no Deferred.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -87,8 +96,14 @@ class Destination:
         self.dead = False
         self._opening = False
         self._seq = 0
-        self._waiting: list[tuple[str, bytes, dict[str, Any]]] = []
+        #: requests not written yet: the channel is opening, or no outcome has
+        #: come on it yet and one request is already written
+        self._waiting: deque[tuple[str, bytes, dict[str, Any]]] = deque()
         self._sent: dict[int, str] = {}
+        #: the broker gave an outcome on this channel: its exchange existed
+        self._known = False
+        self._flushing = False
+        self._publishing = False
         #: unconfirmed when the broker closed the channel with a 404/403: one of
         #: them (or one before them) was refused; decided when the channel closes
         self._closed_on: list[Sent] = []
@@ -117,11 +132,15 @@ class Destination:
                 d.addCallback(self._configure)
                 d.addCallbacks(self._opened, self._open_failed)
             return 0
+        if not self._known and (self._sent or self._publishing):
+            self._waiting.append((corr, body, properties))  # one at a time, for now
+            return 0
         # Only this object publishes on the channel, in confirm mode from the
         # start: publish() numbers them 1, 2, ... Record the number before
         # writing, as the outcome may arrive during the write.
         self._seq = seq = self._seq + 1
         self._sent[seq] = corr
+        self._publishing = True
         try:
             channel.publish(self.exchange, self.routing_key, body, properties, True)
         except Exception as e:  # closed under us, or unencodable
@@ -130,14 +149,30 @@ class Destination:
                 self._refused(self, [(seq, corr)], e if isinstance(e, CallmeError)
                               else CallmeError(f"cannot publish the request: {e}"))
             return 0
+        finally:
+            self._publishing = False
+        if self._known and self._waiting:
+            self._flush()  # the outcome came during the write
         return seq
+
+    def _flush(self) -> None:
+        """Write the waiting requests the channel may take now."""
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            waiting = self._waiting
+            while waiting and self.channel is not None and (self._known or not self._sent):
+                self.send(*waiting.popleft())
+        finally:
+            self._flushing = False
 
     def withdraw(self, corr: str, seq: int) -> None:
         """A call ended before its request was written: never write it
         (waiting for the channel, or held while the connection is blocked)."""
         if seq == 0:
             if self._waiting:
-                self._waiting = [w for w in self._waiting if w[0] != corr]
+                self._waiting = deque(w for w in self._waiting if w[0] != corr)
             return
         channel = self.channel
         if channel is not None and self._connection.blocked_reason is not None \
@@ -165,9 +200,7 @@ class Destination:
         self.channel = channel
         channel.on_outcome = self._on_outcome
         channel.on_close.append(lambda error: self._on_close(channel, error))
-        waiting, self._waiting = self._waiting, []
-        for corr, body, properties in waiting:
-            self.send(corr, body, properties)  # after a close, each is refused at once
+        self._flush()  # after a close, each is refused at once
 
     def _open_failed(self, reason: Failure) -> None:
         self._opening = False
@@ -179,6 +212,10 @@ class Destination:
         if corr is None:
             return
         kind = outcome.kind
+        if not self._known and kind is not Outcome.LOST:
+            self._known = True  # the exchange existed: pipeline from now on
+            if self._waiting and not self._publishing:
+                self._flush()
         if kind is Outcome.TAKEN:
             if self.want_taken:
                 self.want_taken = False
