@@ -437,6 +437,110 @@ def test_depth_limit_is_exact(data: bytes, limit: int) -> None:
         assert (outcome[0] == "error") == (reference > limit), (reference, limit, outcome)
 
 
+
+# -- large bodies: every way the orjson path checks them ------------------------------------
+
+#: past the size up to which bodies are checked on their bytes alone
+_LARGE = serializers._SMALL + 1
+
+
+def _few_parts(data: bytes) -> bytes:
+    """*data* in an array with one long string: a large body of few values."""
+    return b"[" + data + b',"' + b"x" * _LARGE + b'"]'
+
+
+def _many_parts(data: bytes) -> bytes:
+    """*data* in an array with thousands of small values: a large body of many (more than
+    the walk of the value costs less than the bytes for)."""
+    return b"[" + data + b"," + b",".join([b'{"a":[1,2]}'] * (_LARGE // 4)) + b"]"
+
+
+def _records_parts(data: bytes) -> bytes:
+    """*data* in an array of records: a large body of values a few dozen bytes each."""
+    return b"[" + data + b"," + b",".join(
+        [b'{"name":"user-00001","email":"u1@example.com","n":1}'] * (_LARGE // 40)) + b"]"
+
+
+_WRAPS = [_few_parts, _many_parts, _records_parts]
+
+
+@pytest.mark.parametrize("wrap", _WRAPS)
+@pytest.mark.parametrize("limit", [0, 1, 3, MAX_JSON_DEPTH])
+@pytest.mark.parametrize("inner", ["1", "[]", "{}", '"[[["', "[1]", '{"k":{}}'])
+def test_large_body_depth_exact(ser: JSONSerializer, wrap: Any, limit: int,
+                                inner: str) -> None:
+    """In large bodies too, the limit is exact: up to it decodes, one more level is refused,
+    whether the deepest containers are empty or not."""
+    for depth in range(max(0, limit - 3), limit + 2):
+        data = wrap(_nested(depth, inner))
+        reference = _depth(json.loads(data))
+        outcome = _outcome(JSONSerializer(limit, fast=ser.fast).loads, data)
+        assert outcome[0] == ("error" if reference > limit else "ok"), (depth, reference)
+        if outcome[0] == "ok":
+            assert outcome[1] == json.loads(data)
+        else:
+            assert outcome[1] == f"JSON nested deeper than {limit} levels"
+
+
+@pytest.mark.parametrize("wrap", _WRAPS)
+@pytest.mark.parametrize("offset", range(8))
+@pytest.mark.parametrize("number", [2**64, -2**63 - 1, 10**19, -10**25])
+def test_large_body_big_integers(ser: JSONSerializer, wrap: Any, offset: int,
+                                 number: int) -> None:
+    """A big integer anywhere in a large body, at any alignment, decodes exactly; 18-digit
+    integers and long digit strings around it change nothing."""
+    data = wrap(b" " * offset + f'[{number}, 123456789012345678, "12345678901234567890"]'.encode())
+    value = ser.loads(data)
+    assert value[0][0] == number and type(value[0][0]) is int
+    assert value == json.loads(data)
+
+
+@pytest.mark.parametrize("wrap", _WRAPS)
+def test_large_body_big_floats_stay_floats(ser: JSONSerializer, wrap: Any) -> None:
+    """Large float literals in a large body stay floats."""
+    data = wrap(b"[1e19, 12345678901234567890.0, -1.8446744073709552e19]")
+    value = ser.loads(data)
+    assert value == json.loads(data) and all(type(v) is float for v in value[0])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_documents, _bracketed), st.sampled_from(_WRAPS),
+       st.integers(0, 8))
+def test_large_loads_agree(data: bytes, wrap: Any, limit: int) -> None:
+    """Both implementations read large bodies alike (few or many values), at any limit."""
+    body = wrap(data)
+    fast = _outcome(JSONSerializer(limit, fast=True).loads, body)
+    slow = _outcome(JSONSerializer(limit, fast=False).loads, body)
+    assert fast[0] == slow[0], (fast, slow)
+    if fast[0] == "ok":
+        assert repr(fast[1]) == repr(slow[1])
+    else:
+        assert fast[1] == slow[1]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_values, _with_exotic), st.integers(0, 300))
+def test_large_dumps_agree(value: Any, copies: int) -> None:
+    """Both implementations accept and refuse the same values among many plain ones."""
+    document = [{"id": i, "score": i / 7, "tags": ["a"], "none": None} for i in range(copies)]
+    document.insert(copies // 2, value)
+    fast, slow = _outcome(FAST.dumps, document), _outcome(STDLIB.dumps, document)
+    assert fast[0] == slow[0], (fast, slow)
+    if fast[0] == "ok":
+        assert _meaning(fast[1]) == _meaning(slow[1])
+    else:
+        assert fast[1] == slow[1]
+
+
+def test_records_round_trip(ser: JSONSerializer) -> None:
+    """The benchmark's records document (1,000 small dicts) goes through unchanged."""
+    records = [{"id": i, "name": f"user-{i:05d}", "email": f"user{i}@example.com",
+                "score": round((i * 7919 % 10007) / 100.07, 2), "active": i % 3 == 0,
+                "tags": ["a", "b"]} for i in range(1000)]
+    data = ser.dumps(records)
+    assert json.loads(data) == records
+    assert ser.loads(data) == records
+
 # -- pickle ------------------------------------------------------------------------------
 
 

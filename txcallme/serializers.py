@@ -91,18 +91,22 @@ class JSONSerializer:
             except _orjson.JSONDecodeError:
                 pass  # the standard library decides, and gives its own error
             else:
-                # a small body: look at its bytes; a large one: walk the value unless it
-                # has many small parts (then the bytes again)
-                verdict = None if len(data) <= _SMALL else _check_decoded(
-                    value, len(data) >> 4, self.max_depth)
-                if verdict is None:
+                verdict: str | None
+                if len(data) <= _SMALL:  # a small body: look at its bytes
                     marks = data.translate(_MARKS)
                     if _LONG_RUN in marks:
                         verdict = _BIG_INT
-                    elif len(data) <= _SMALL and marks.count(b"[") <= self.max_depth:
+                    elif marks.count(b"[") <= self.max_depth:
                         verdict = _OK
                     else:
                         verdict = _DEEP if _deeper_than(data, self.max_depth) else _OK
+                else:  # a large one: walk the value, unless it has many small parts
+                    verdict = _check_large(value, data, self.max_depth)
+                    if verdict is None:
+                        if _long_digit_run(data):
+                            verdict = _BIG_INT
+                        else:
+                            verdict = _DEEP if _deeper_than(data, self.max_depth) else _OK
                 if verdict is _OK:
                     return value
                 if verdict is _DEEP:
@@ -175,18 +179,18 @@ def _plain(value: Any, data: bytes) -> bool:
     """
     level = [value]
     nulls: bool | None = None  # does data contain null (as NaN and infinities become)?
-    while level:
+    while True:
         types = set(map(type, level))
-        if not _PLAIN.issuperset(types):
+        if not types <= _PLAIN:
             return False
         if float in types:
             if nulls is None:
                 nulls = b"null" in data
             if nulls and not all(map(isfinite, _floats(level))):
                 return False
-        level = _children(level)  # scalars have no children: the containers' items
-    return True
-
+        if types.isdisjoint(_CONTAINERS):
+            return True  # scalars only: nothing below
+        level = _children(level)  # the containers' items
 
 _OK, _DEEP, _BIG_INT = "ok", "deep", "big int"
 _TWO_63 = 2.0 ** 63
@@ -214,6 +218,48 @@ def _check_decoded(value: Any, budget: int, limit: int) -> str | None:
         level = _children(containers)
 
 
+def _check_portable(value: Any, data: bytes, limit: int) -> str | None:
+    return _check_decoded(value, len(data) >> 4, limit)
+
+
+def _check_cpython(value: Any, data: bytes, limit: int) -> str | None:
+    """Too deep, maybe an integer beyond 64 bits, or fine; None if *value* has so
+    many parts that a pass over *data* costs less.
+
+    Nesting comes from a walk by tp_traverse alone, one C call per level and no
+    look at types: level i+1 holds the items of level i's containers (the values
+    of orjson's dicts, whose keys are all str; scalars have none), so the
+    containers of level i are nested i+1 deep, and the first empty level k bounds
+    the depth by k. Only when k is limit+1 does level k-1 decide, by whether it
+    holds a container (an empty one).
+    """
+    levels = [[value]]
+    level = levels[0]
+    count = 0
+    budget = len(data) >> 3  # a walk costs about as much per value as 8 bytes of the bytes pass
+    for _ in range(limit + 1):
+        level = gc.get_referents(*level)
+        if not level:
+            break
+        count += len(level)
+        if count > budget:
+            return None
+        levels.append(level)
+    else:
+        return _DEEP  # level limit+1 is not empty: a container below level limit's
+    if len(levels) == limit + 1 and not _CONTAINERS.isdisjoint(map(type, levels[-1])):
+        return _DEEP
+    if count > len(data) >> 6:  # many values: their digits, in the bytes
+        return _BIG_INT if _long_digit_run(data) else _OK
+    for level in levels:
+        if float in set(map(type, level)) and max(map(abs, _floats(level))) >= _TWO_63:
+            return _BIG_INT
+    return _OK
+
+
+_check_large = _check_cpython if sys.implementation.name == "cpython" else _check_portable
+
+
 #: bodies up to this size are checked on their bytes, larger ones on the decoded value
 _SMALL = 2048
 #: digits as 0, braces as brackets: 19 digits in a row are the only way to write an
@@ -221,6 +267,17 @@ _SMALL = 2048
 #: path); more brackets than the depth limit call for a closer look at nesting
 _MARKS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x5B if i == 0x7B else i for i in range(256))
 _LONG_RUN = b"0" * 19
+#: 19 digits in a row cover at least 3 consecutive bytes of data[::6]
+_SAMPLE_STEP = 6
+_SAMPLE_RUN = b"0" * (19 // _SAMPLE_STEP)
+
+
+def _long_digit_run(data: bytes) -> bool:
+    """Are there 19 digits in a row in *data*? One byte in six first: where no three
+    sampled bytes in a row are digits, there are none."""
+    if _SAMPLE_RUN not in data[::_SAMPLE_STEP].translate(_MARKS):
+        return False
+    return _LONG_RUN in data.translate(_MARKS)
 
 
 #: keep quotes and brackets, braces as brackets
