@@ -32,7 +32,7 @@ from tests.conftest import (
 )
 from tests.test_compat_pickle import gadget_pickles
 from txcallme import Proxy, RemoteError, RpcTimeout, ServerUnavailable, blocking, callme_compat
-from txcallme.errors import InvalidRequest
+from txcallme.errors import DeclarationRefused, InvalidRequest, NotFound
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -369,3 +369,29 @@ def test_blocking_proxy_takes_every_proxy_argument() -> None:
     expected = parameters(Proxy)
     del expected["reactor"]
     assert parameters(blocking.Proxy) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_compat_off_after_the_last_compat_instance(services: Any, sid: str) -> None:
+    """README, migration step 4: a server without callme_compat cannot start next to
+    a compat one (RabbitMQ refuses to re-declare callme's non-durable queue as
+    durable: 406, fatal on the first start, the message says what to do); once every
+    compat instance is stopped (the auto-delete queue goes with the last), it starts
+    and answers plain Proxies."""
+    compat = await services.start_server(sid, compat_functions("tx"), callme_compat=True)
+    plain = services.server(sid, compat_functions("new"))
+    with pytest.raises(DeclarationRefused) as info:
+        await plain.when_ready()
+    assert info.value.code == 406
+    assert "stop all instances" in str(info.value)  # what to do
+    await plain.stopService()
+    await compat.stopService()
+    for _ in range(50):  # the broker deletes the auto-delete queue asynchronously
+        try:
+            await _consumers(f"server_{sid}_queue")
+        except NotFound:
+            break
+        await sleep(0.1)
+    await services.start_server(sid, compat_functions("new"))
+    proxy = await services.ready_proxy(timeout=5)
+    assert (await proxy.use_server(sid).who()).startswith("new:")
