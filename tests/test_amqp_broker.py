@@ -8,6 +8,7 @@ and is deleted or goes with the test's connection.
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -125,5 +126,34 @@ async def test_node_named_from_rabbitmq() -> None:
         assert cluster
         assert "127.0.0.1:5672" in connection.node
         assert str(cluster) in connection.node
+    finally:
+        await connection.close()
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_nack_requeue_and_drop_on_rabbitmq() -> None:
+    """basic.nack with requeue gives the delivery back (redelivered); without
+    requeue the broker drops it."""
+    from twisted.internet import reactor
+
+    connection = await broker_connect()
+    try:
+        channel = await connection.open_channel()
+        queue = (await channel.declare_queue("", exclusive=True, auto_delete=True)).queue
+        seen: list[tuple[bytes, bool]] = []
+        done: Deferred[None] = Deferred()
+
+        def deliver(delivery: Any) -> None:
+            seen.append((delivery.body, delivery.redelivered))
+            channel.nack(delivery.delivery_tag, requeue=len(seen) == 1)
+            if len(seen) == 2:
+                done.callback(None)
+
+        await channel.consume(queue, deliver)
+        channel.publish("", queue, b"once", {})
+        await done.addTimeout(10, reactor)
+        assert seen == [(b"once", False), (b"once", True)]
+        assert (await channel.declare_queue(queue, passive=True)).message_count == 0
     finally:
         await connection.close()

@@ -448,9 +448,19 @@ class Channel:
                 self.id, 60, 80, _ACK_ARGS.pack(delivery_tag, 1 if multiple else 0)))
 
     def reject(self, delivery_tag: int, requeue: bool) -> None:
+        """basic.reject: the delivery failed (RabbitMQ 4.3 counts it toward a
+        quorum queue's delivery limit)."""
         if self.state is ChannelState.OPEN:
             self._proto.write(_frames.method_frame(
                 self.id, 60, 90, _ACK_ARGS.pack(delivery_tag, 1 if requeue else 0)))
+
+    def nack(self, delivery_tag: int, requeue: bool, multiple: bool = False) -> None:
+        """basic.nack (a RabbitMQ extension): the delivery was not processed
+        (RabbitMQ 4.3 does not count it toward a quorum queue's delivery limit)."""
+        if self.state is ChannelState.OPEN:
+            self._proto.write(_frames.method_frame(
+                self.id, 60, 120, _ACK_ARGS.pack(
+                    delivery_tag, (1 if multiple else 0) | (2 if requeue else 0))))
 
     # -- called by the protocol ------------------------------------------------
 
