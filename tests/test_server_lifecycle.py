@@ -9,12 +9,12 @@ import time
 from typing import Any
 
 import pytest_twisted
-from _brokerctl import ctl, rand
+from _brokerctl import ctl, rand, request_body
 from conftest import Services, broker_connect, sleep
 from conftest import _created_names as conftest_names
 from scripted import ScriptedBroker
 from twisted.internet import threads
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from txcallme import CallmeServerService, _wire
@@ -382,3 +382,42 @@ def test_stop_during_a_set_up_the_broker_never_answers_is_bounded() -> None:
     assert not peer.connected
     assert not broker.clock.getDelayedCalls()
 
+
+
+def test_requests_given_back_unprocessed_are_nacked_not_rejected() -> None:
+    """A request that arrives while the server stops goes back with basic.nack
+    (requeue), which RabbitMQ 4.3 does not count toward a quorum queue's delivery
+    limit (basic.reject it would): a graceful stop must not bring a request
+    closer to DeliveryLimitReached."""
+    broker = ScriptedBroker()
+    broker.silence("basic.cancel")  # deliveries already on their way still arrive
+    hanging: list[Deferred[int]] = []
+
+    def hang() -> Deferred[int]:
+        hanging.append(Deferred())
+        return hanging[-1]
+
+    svc = CallmeServerService("foo", params=broker.params(), reactor=broker.clock,
+                              threading=False)
+    svc.register_function(hang, name="hang")
+    svc.startService()
+    broker.flush()
+    peer = broker.peer
+    [consume] = peer.sent("basic.consume")
+    channel, tag = consume.channel, consume.args["consumer_tag"]
+    props = {"reply_to": "client_guest_ex_x", "correlation_id": "c1",
+             "content_type": "application/json"}
+    peer.deliver(channel, tag, request_body("hang"), props)
+    broker.flush()
+    assert len(hanging) == 1
+    stopped = svc.stopService()
+    broker.flush()
+    late = peer.deliver(channel, tag, request_body("hang"), {**props, "correlation_id": "c2"})
+    broker.flush()
+    assert len(hanging) == 1  # not run
+    assert peer.rejects == [(channel, late, True)]
+    assert [m.name for m in peer.methods if m.name in ("basic.nack", "basic.reject")] == \
+        ["basic.nack"]
+    hanging[0].callback(1)
+    broker.advance(31)  # the silenced basic.cancel times out (control_timeout)
+    assert stopped.called

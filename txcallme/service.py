@@ -451,7 +451,7 @@ class CallmeServerService(Service):
         waiting, self._waiting = list(self._waiting), deque()
         for call in waiting:
             call.observed.requeued()
-            call.acker.reject(call.tag, requeue=True)
+            call.acker.release(call.tag)
         self.requeued_on_stop = len(waiting)
         if waiting:
             log.info("stopping: {n} requests not started go back to the queue",
@@ -722,7 +722,7 @@ class CallmeServerService(Service):
         tag = delivery.delivery_tag
         acker.received(tag)
         if self._stopping:
-            acker.reject(tag, requeue=True)
+            acker.release(tag)
             return
         received = self._reactor.seconds()
         if self.ack == "on_receipt":

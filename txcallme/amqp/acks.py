@@ -49,8 +49,16 @@ class Acker:
             self._flush_call = self._clock.callLater(0, self.flush)
 
     def reject(self, tag: int, requeue: bool) -> None:
+        """The request failed (basic.reject: RabbitMQ 4.3 counts it toward a
+        quorum queue's delivery limit)."""
         self._open.discard(tag)
         self.channel.reject(tag, requeue)
+
+    def release(self, tag: int) -> None:
+        """Give an unprocessed request back to the queue (basic.nack with
+        requeue: not counted toward a delivery limit)."""
+        self._open.discard(tag)
+        self.channel.nack(tag, requeue=True)
 
     def _lowest_open(self) -> int | None:
         """The lowest open tag, or None."""
