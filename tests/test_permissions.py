@@ -3,13 +3,16 @@
 The module fixture creates vhost ``txcallme-perm-<random>`` and users with the
 permission lines callme documents (user names substituted): ``carl`` serves
 ``fooserver``, ``bob`` serves ``barserver``, ``olivia`` may call only
-``fooserver``; ``olga`` and ``oscar`` have the documents' broader grants.
+``fooserver``; ``olga`` and ``oscar`` have the documents' broader grants; ``dora``
+serves ``fooserver`` and ``drew`` calls it with README's Direct Reply-to grants.
 """
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -18,6 +21,8 @@ import pytest_twisted
 from _brokerctl import RawClient, broker_objects, ctl, ctl_many, rand, request_body
 from conftest import sleep
 from twisted.internet import defer, reactor
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from zope.interface import provider
 
 import txcallme
 from txcallme import CallmeServerService, Proxy
@@ -39,6 +44,22 @@ class Env:
     olivia: User
     olga: User
     oscar: User
+    dora: User
+    drew: User
+
+
+def _readme_direct_reply_grants() -> dict[str, tuple[str, str, str]]:
+    """README's Direct Reply-to permission lines, by user (``carl``, ``olivia``), as given."""
+    readme = (Path(__file__).parent.parent / "README.rst").read_text()
+    section = readme.split("With ``Proxy(direct_reply_to=True)``", 1)[1].split("\n====", 1)[0]
+    grants = {}
+    for line in section.splitlines():
+        if "rabbitmqctl set_permissions" in line:
+            words = shlex.split(line)
+            assert words[2:4] == ["-p", "VHOST"] and len(words) == 8, line
+            grants[words[4]] = (words[5], words[6], words[7])
+    assert sorted(grants) == ["carl", "olivia"], grants
+    return grants
 
 
 def _server_perms(server_id: str) -> tuple[str, str, str]:
@@ -52,8 +73,9 @@ def env() -> Iterator[Env]:
     r = rand()
     vhost = f"txcallme-perm-{r}"
     users = {role: User(f"{role}_{r}", rand() + rand()) for role in
-             ("carl", "bob", "olivia", "olga", "oscar")}
+             ("carl", "bob", "olivia", "olga", "oscar", "dora", "drew")}
     u = {role: user.name for role, user in users.items()}
+    direct = _readme_direct_reply_grants()
     perms = {
         "carl": _server_perms(FOO),
         "bob": _server_perms(BAR),
@@ -65,6 +87,9 @@ def env() -> Iterator[Env]:
                  f"client_{u['olga']}.*"),
         "oscar": (f"client_{u['oscar']}.*", f"client_{u['oscar']}.*|server_.*_ex",
                   f"client_{u['oscar']}.*"),
+        # README's Direct Reply-to grants: its carl serves fooserver, its olivia calls it
+        "dora": direct["carl"],
+        "drew": tuple(p.replace("olivia", u["drew"]) for p in direct["olivia"]),
     }
     leftovers: set[str] = set()
     try:
@@ -121,9 +146,10 @@ class Running:
         await svc.when_ready().addTimeout(10, reactor)
         return svc
 
-    async def proxy(self, user: User) -> Proxy:
+    async def proxy(self, user: User, **kw: Any) -> Proxy:
+        kw.setdefault("timeout", 5)
         proxy = Proxy(amqp_host="127.0.0.1", amqp_user=user.name, amqp_password=user.password,
-                      amqp_vhost=self.env.vhost, timeout=5, reactor=reactor)
+                      amqp_vhost=self.env.vhost, reactor=reactor, **kw)
         self.proxies.append(proxy)
         await proxy.when_ready().addTimeout(10, reactor)
         return proxy
@@ -288,3 +314,75 @@ async def test_hostile_reply_to(running: Running, env: Env, reply_to: str) -> No
     assert await proxy.call(FOO, "add", 100, 1) == 101
     other = await running.proxy(env.olga)
     assert await other.call(FOO, "add", 7, 1) == 8
+
+
+class Warnings:
+    """Formatted text of the log events containing *text*, while installed."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.lines: list[str] = []
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            line = formatEvent(event) or ""
+            if text in line:
+                self.lines.append(line)
+
+        self.observer = observe
+
+    def __enter__(self) -> Warnings:
+        globalLogPublisher.addObserver(self.observer)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        globalLogPublisher.removeObserver(self.observer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_reply_to_with_readme_grants(running: Running, env: Env) -> None:
+    """README's Direct Reply-to lines work together: dora (server, write includes
+    ``amq.default``) answers drew (no configure, no read) through Direct Reply-to."""
+    await running.server(FOO, env.dora)
+    proxy = await running.proxy(env.drew, direct_reply_to=True)
+    assert (proxy.exchange, proxy.queue) == ("", "")
+    with Warnings("may not reply") as warnings:
+        assert await proxy.call(FOO, "add", 1, 2) == 3
+        results = await defer.gatherResults([proxy.call(FOO, "add", i, 1) for i in range(10)])
+        assert results == [i + 1 for i in range(10)]
+        with pytest.raises(ValueError, match="no good"):
+            await proxy.call(FOO, "fail", "no good")
+    assert warnings.lines == []
+    assert proxy.pending_count == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: ConfirmedPublisher._channel_closed matches the broker's 403 object "
+    "'amq.default' against the message's exchange '', so the Direct Reply-to reply is "
+    "never the culprit and is re-published on a new channel forever (no 'may not reply', "
+    "and the server's other replies, stuck behind it, are lost too)"))
+@pytest_twisted.ensureDeferred
+async def test_direct_reply_to_needs_amq_default(running: Running, env: Env) -> None:
+    """carl's grant (README's server line, no ``amq.default``) cannot answer a Direct
+    Reply-to caller: the call times out, carl logs "may not reply" once (the request is
+    acked, not redelivered), and carl goes on answering a reply-exchange Proxy."""
+    svc = await running.server(FOO, env.carl)
+    direct = await running.proxy(env.drew, direct_reply_to=True)
+    normal = await running.proxy(env.olivia)
+    with Warnings("may not reply") as warnings:
+        taken, error = await _elapsed(direct.invoke(FOO, "add", [1, 2], timeout=3))
+        assert isinstance(error, txcallme.RpcTimeout), repr(error)
+        assert 2.9 <= taken < 10, taken
+        for _ in range(50):
+            if warnings.lines:
+                break
+            await sleep(0.1)
+        await sleep(1.0)  # a redelivered request would log again
+    assert len(warnings.lines) == 1, warnings.lines
+    assert "may not reply to 'amq.rabbitmq.reply-to." in warnings.lines[0]
+    assert "403" in warnings.lines[0], warnings.lines[0]
+    assert svc.running
+    assert await normal.call(FOO, "add", 2, 3) == 5
+    results = await defer.gatherResults([normal.call(FOO, "add", i, 1) for i in range(10)])
+    assert results == [i + 1 for i in range(10)]
+    assert normal.pending_count == direct.pending_count == 0
