@@ -427,3 +427,96 @@ def test_serve_processes(app_dir: Path, children: Children, tmp_path: Path) -> N
     assert done.stdout.splitlines()[-1].startswith("2 instance(s) answered"), done.stdout
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0, log.read_text()
+
+
+HOLD_APP = '''\
+"""Functions for the two-instance stats test."""
+import os
+import time
+
+
+def add(a, b):
+    """Return a + b."""
+    return a + b
+
+
+def hold(started, release):
+    """Create *started*, then wait (at most 120 s) until *release* exists."""
+    open(started, "w").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return os.path.exists(release)
+'''
+
+
+def test_stats_every_instance(children: Children, tmp_path: Path) -> None:
+    """``callme stats --json`` reports both instances of one server id, each with its own
+    calls: A (alone) serves 3 adds, then holds its only request slot (--threads 1
+    --prefetch 1) in ``hold`` while B, started then, serves the next 2 adds."""
+    (tmp_path / "holdapp.py").write_text(HOLD_APP)
+    server_id = new_server_id()
+    started, release = tmp_path / "started", tmp_path / "release"
+    servers: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *options: str) -> None:
+        log = tmp_path / f"{name}.log"
+        servers.append(children.start(
+            [str(TWISTD), "--pidfile=", "-n", "callme", "--server-id", server_id,
+             "--module", "holdapp", *options], tmp_path, log))
+        wait_for_log(servers[-1], log, f"serving {server_id!r}")
+
+    def add(n: int) -> None:
+        done = callme("call", server_id, "add", str(n), "1", "--timeout", "30")
+        assert (done.returncode, done.stdout) == (0, f"{n + 1}\n"), done.stderr
+
+    try:
+        start("a", "--threads", "1", "--prefetch", "1")
+        ping = callme("ping", server_id, "--count", "1")
+        assert ping.returncode == 0, ping.stderr
+        instance_a = ping.stdout.split("(", 1)[1].split(",", 1)[0]
+        for n in range(3):
+            add(n)
+        holding = children.start([sys.executable, "-m", "txcallme.cli", "call", server_id,
+                                  "hold", str(started), str(release), "--timeout", "150"],
+                                 tmp_path, tmp_path / "hold.log")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not started.exists():
+            assert holding.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "hold.log").read_text()
+            time.sleep(0.1)
+        start("b")
+        for n in range(3, 5):
+            add(n)  # A has no room: both go to B
+        assert holding.poll() is None, "hold returned early: A was free for B's calls"
+        release.touch()
+        assert holding.wait(30) == 0, (tmp_path / "hold.log").read_text()
+        assert (tmp_path / "hold.log").read_text() == "true\n"
+
+        done = callme("stats", server_id, "--json", "--count", "20", "--timeout", "30",
+                      timeout=120)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["server_id"] == server_id
+        instances = report["instances"]
+        assert len(instances) == 2, instances
+        ids = [stat["instance"] for stat in instances]
+        assert len(set(ids)) == 2 and instance_a in ids, (ids, instance_a)
+        assert all(stat["server_id"] == server_id and stat["uptime"] > 0
+                   for stat in instances)
+        calls = {stat["instance"]: {method: numbers["calls"]
+                                    for method, numbers in stat["methods"].items()}
+                 for stat in instances}
+        [instance_b] = set(ids) - {instance_a}
+        assert calls[instance_a] == {"add": 3, "hold": 1}, calls
+        assert calls[instance_b] == {"add": 2}, calls
+        assert sum(c.get("add", 0) for c in calls.values()) == 5  # the adds made
+    finally:
+        for process in servers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in servers:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
