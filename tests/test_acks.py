@@ -24,6 +24,9 @@ class FakeChannel:
     def reject(self, tag: int, requeue: bool) -> None:
         self.sent.append(("reject", tag, requeue))
 
+    def nack(self, tag: int, requeue: bool) -> None:
+        self.sent.append(("nack", tag, requeue))
+
 
 class AckerTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -59,6 +62,16 @@ class AckerTests(SynchronousTestCase):
         self.acker.ack(2)
         self.clock.advance(0)
         self.assertEqual(self.channel.sent, [("reject", 1, True), ("ack", 2, True)])
+
+    def test_released_tags_do_not_hold_acks_back(self) -> None:
+        """A delivery given back (nack, requeued) is no longer open either."""
+        self.acker.release(1)
+        self.acker.ack(3)
+        self.clock.advance(0)  # 2 is open
+        self.acker.ack(2)
+        self.clock.advance(0)
+        self.assertEqual(self.channel.sent, [("nack", 1, True), ("ack", 3, False),
+                                             ("ack", 2, True)])
 
     def test_flush_sends_now_and_leaves_no_timer(self) -> None:
         """flush() sends what waits and cancels the end-of-turn call."""
