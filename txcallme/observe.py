@@ -680,8 +680,13 @@ class ServerCall(Call):
     def refuse(self, reason: str, error: BaseException | None = None) -> None:
         """The request is not run after all (*reason* ``stale``: its deadline passed
         while it waited): counted as refused, not as a call."""
+        if self._leave():
+            self._observer._refused(reason, self._original, self._span, error)
+
+    def _leave(self) -> bool:
+        """End this call's time in flight, once: False if it had ended already."""
         if self._ended:
-            return
+            return False
         self._ended = True
         observer = self._observer
         signals = observer._signals
@@ -689,23 +694,14 @@ class ServerCall(Call):
             signals.prom.server_in_flight.dec((observer.server_id,))
         if signals.otel is not None:
             signals.otel.server_active[observer.server_id] -= 1
-        observer._refused(reason, self._original, self._span, error)
+        return True
 
     def requeued(self) -> None:
         """The request goes back to the queue unrun (the server stops, or the
         channel it came on closed while it waited for a thread): no longer in
         flight, neither a call nor a refusal; its span ends with
         ``txcallme.requeued`` = True (another delivery gets a span of its own)."""
-        if self._ended:
-            return
-        self._ended = True
-        observer = self._observer
-        signals = observer._signals
-        if signals.prom is not None:
-            signals.prom.server_in_flight.dec((observer.server_id,))
-        if signals.otel is not None:
-            signals.otel.server_active[observer.server_id] -= 1
-        if self._span is not None:
+        if self._leave() and self._span is not None:
             self._span.set_attribute("txcallme.requeued", True)
             self._span.end()
 
