@@ -356,11 +356,6 @@ async def test_direct_reply_to_with_readme_grants(running: Running, env: Env) ->
     assert proxy.pending_count == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: ConfirmedPublisher._channel_closed matches the broker's 403 object "
-    "'amq.default' against the message's exchange '', so the Direct Reply-to reply is "
-    "never the culprit and is re-published on a new channel forever (no 'may not reply', "
-    "and the server's other replies, stuck behind it, are lost too)"))
 @pytest_twisted.ensureDeferred
 async def test_direct_reply_to_needs_amq_default(running: Running, env: Env) -> None:
     """carl's grant (README's server line, no ``amq.default``) cannot answer a Direct

@@ -337,8 +337,10 @@ class ChannelClosedTests(PublisherTestCase):
         """Replayed messages are sent before ones published while the channel reopened."""
         self.connection.immediate = False
         d_old = self.publish("good_ex", b"old")
+        d_bad = self.publish("bad_ex", b"bad")
         first = self.connection.finish_opening()
         first.broker_closes(NotFound(404, NOT_FOUND_TEXT))
+        self.failureResultOf(d_bad, NotFound)
         d_new = self.publish("good_ex", b"new")
         second = self.connection.finish_opening()
         self.assertEqual(second.bodies(), [b"old", b"new"])
@@ -368,6 +370,45 @@ class ChannelClosedTests(PublisherTestCase):
         self.assertEqual(self.channel.bodies(), [b"g"])
         self.channel.ack(1)
         self.successResultOf(d_good)
+
+    def test_default_exchange_refused_by_name(self) -> None:
+        """A 403 naming 'amq.default' (how RabbitMQ names the default exchange "",
+        e.g. a Direct Reply-to reply without write on amq.default) fails the
+        message published to "", and replays the others; it is not replayed."""
+        d_direct = self.publish("", b"d")
+        d_good = self.publish("good_ex", b"g")
+        self.channel.broker_closes(AccessRefused(
+            403, "ACCESS_REFUSED - access to exchange 'amq.default' in vhost '/' "
+                 "refused for user 'carl'"))
+        self.failureResultOf(d_direct, AccessRefused)
+        self.assertEqual(self.channel.bodies(), [b"g"])
+        self.channel.ack(1)
+        self.successResultOf(d_good)
+        self.assertEqual(len(self.connection.channels), 2)
+
+    def test_named_object_matching_nothing_fails_first(self) -> None:
+        """An error naming an exchange no pending message went to fails the oldest
+        one (never replays everything again, which would loop)."""
+        d1 = self.publish("ex", b"1")
+        d2 = self.publish("ex", b"2")
+        self.channel.broker_closes(NotFound(404, "NOT_FOUND - no exchange 'other_ex' "
+                                                 "in vhost '/'"))
+        self.failureResultOf(d1, NotFound)
+        self.assertEqual(self.channel.bodies(), [b"2"])
+        self.assertNoResult(d2)
+
+    def test_replays_are_bounded(self) -> None:
+        """A message whose channels keep dying under it (other messages' refusals)
+        is published again at most MAX_REPLAYS times, then fails with PublishLost."""
+        from txcallme.amqp.publisher import MAX_REPLAYS
+
+        d = self.publish("good_ex", b"g")
+        for n in range(MAX_REPLAYS + 1):
+            bad = self.publish("bad_ex", b"b%d" % n)
+            self.channel.broker_closes(NotFound(404, NOT_FOUND_TEXT))
+            self.failureResultOf(bad, NotFound)
+        self.failureResultOf(d, PublishLost)
+        self.assertEqual(len(self.connection.channels), MAX_REPLAYS + 1)
 
     def test_no_named_object_fails_first(self) -> None:
         """A channel error naming no exchange fails the oldest message and replays the rest."""

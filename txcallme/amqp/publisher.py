@@ -41,6 +41,10 @@ from txcallme.errors import (
 
 log = Logger(namespace="callme.connection")
 
+#: How many times one message is published again after channels died under it
+#: (another message's refusal each time) before it fails with PublishLost.
+MAX_REPLAYS = 5
+
 
 @attrs.define(slots=True, eq=False)
 class _Message:
@@ -51,6 +55,8 @@ class _Message:
     mandatory: bool
     done: Deferred[None]
     returned: Returned | None = None
+    #: times it was published again after its channel died under it
+    replays: int = 0
 
 
 class ConfirmedPublisher:
@@ -160,12 +166,17 @@ class ConfirmedPublisher:
         bad = getattr(error, "object", "")
         refused = isinstance(error, ChannelError)
         replayable = self._replay and refused and not self._closed
+        # The broker names the default exchange "" as 'amq.default' in its errors.
+        named = [m for m in pending if bad and (m.exchange or "amq.default") == bad]
         again: list[_Message] = []
         for index, message in enumerate(pending):
-            culprit = refused and (message.exchange == bad if bad else index == 0)
+            # the refused one: named by the error, else (no name, or no message of
+            # that name) the first pending one, so nothing is replayed forever
+            culprit = refused and (message in named if named else index == 0)
             if culprit:
                 message.done.errback(error)
-            elif replayable:
+            elif replayable and message.replays < MAX_REPLAYS:
+                message.replays += 1
                 again.append(message)
             else:
                 message.done.errback(PublishLost(error))
