@@ -156,6 +156,22 @@ async def test_sigterm_drains_every_worker_and_leaves_no_process(
 
 
 @pytest_twisted.ensureDeferred
+async def test_workers_stop_when_their_supervisor_is_killed(
+        processes: Processes, services: Any, tmp_path: Path) -> None:
+    """README: a worker that loses its supervisor (twistd killed with SIGKILL, so it
+    cannot stop them) notices and stops by itself; no worker is left."""
+    server_id = new_server_id()
+    process, log = start(processes, tmp_path, server_id, 2)
+    workers = await wait_for_workers(process, 2, log)
+    proxy = services.proxy(timeout=10)
+    await answering_pids(proxy, server_id, workers, process)
+    process.kill()
+    process.wait(10)
+    await wait_for(lambda: not any(pid_alive(pid) for pid in workers), 20,
+                   "the orphaned workers to stop")
+
+
+@pytest_twisted.ensureDeferred
 async def test_stuck_worker_is_killed_after_stop_timeout(
         processes: Processes, services: Any, tmp_path: Path) -> None:
     """A worker whose call outlasts --stop-timeout is gone (stopped or killed) within
