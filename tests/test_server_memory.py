@@ -158,3 +158,58 @@ class DeadlineTests(SynchronousTestCase):
         self.assertEqual(bounded, (received + 1.0, 2.0))
         self.assertEqual(svc._deadline(Request("m", [], {}, received + 9.0), {}, received),
                          (received + 9.0, None))
+
+
+def test_nacked_reply_with_ack_on_receipt_is_lost_not_requeued() -> None:
+    """ack='on_receipt': the request was acked when it came, so a reply the broker
+    nacks is lost (the call times out) and the log says so; it is not said to go back
+    to the queue, and the function ran once. after_reply runs it again and answers."""
+    from test_observe_broker import _fail_next_reply
+    from twisted.internet.task import Clock
+
+    from txcallme import RpcTimeout
+    from txcallme.errors import PublishNacked
+    from txcallme.testing import MemoryBroker
+
+    texts: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "callme.server" and \
+                event.get("log_level") >= LogLevel.warn:
+            texts.append(formatEvent(event))
+
+    for ack, runs_expected in (("on_receipt", 1), ("after_reply", 2)):
+        clock = Clock()
+        broker = MemoryBroker(clock)
+        server = broker.server("acks", ack=ack)
+        runs: list[int] = []
+
+        def add(a: int, b: int, runs: list[int] = runs) -> int:
+            runs.append(1)
+            return a + b
+
+        server.register_function(add)
+        proxy = broker.proxy(timeout=5)
+        texts.clear()
+        globalLogPublisher.addObserver(observe)
+        try:
+            _fail_next_reply(server, PublishNacked())
+            d = proxy.call("acks", "add", 1, 2)
+            broker.settle()
+            clock.advance(5.1)
+            got = d.addErrback(lambda f: f.value)
+            broker.settle()
+        finally:
+            globalLogPublisher.removeObserver(observe)
+            proxy.close()
+            server.stop()
+            broker.settle()
+        outcome = result_of(got)
+        assert len(runs) == runs_expected, ack
+        [text] = [t for t in texts if "not taken by the broker" in t]
+        if ack == "on_receipt":
+            assert isinstance(outcome, RpcTimeout)
+            assert "the reply is lost" in text and "goes back to the queue" not in text
+        else:
+            assert outcome == 3
+            assert "goes back to the queue" in text

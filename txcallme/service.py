@@ -903,13 +903,18 @@ class CallmeServerService(Service):
         error = reason.value
         if isinstance(error, PublishNacked) or (
                 isinstance(error, BrokerConnectionLost) and self.ack == "after_reply"):
-            # Not taken (or maybe not): the request goes back to the queue and is
-            # answered again, by this instance or another (at-least-once).
-            log.warn("reply to {reply_to!r} not taken by the broker ({error}): the request "
-                     "goes back to the queue", reply_to=call.reply_to, error=error,
-                     **self._fields(call))
+            # Not taken (or maybe not): after_reply, the request goes back to the
+            # queue and is answered again, by this instance or another
+            # (at-least-once); on_receipt, it was acked already and the reply is lost.
             if self.ack == "after_reply":
+                log.warn("reply to {reply_to!r} not taken by the broker ({error}): the "
+                         "request goes back to the queue", reply_to=call.reply_to,
+                         error=error, **self._fields(call))
                 call.acker.reject(call.tag, requeue=True)
+            else:
+                log.warn("reply to {reply_to!r} not taken by the broker ({error}): the reply "
+                         "is lost (ack='on_receipt': the request was acked when it came)",
+                         reply_to=call.reply_to, error=error, **self._fields(call))
             return
         if isinstance(error, (Unroutable, NotFound)):
             log.info("caller {reply_to!r} is gone; reply dropped: {error}",
