@@ -21,7 +21,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
 from txcallme import CallmeServerService, Proxy
-from txcallme._destinations import DIRECT_REPLY_TO
+from txcallme._wire import DIRECT_REPLY_TO
 from txcallme.errors import (
     AccessRefused,
     BrokerConnectionLost,

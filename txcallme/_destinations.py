@@ -40,11 +40,9 @@ from typing import Any
 
 from twisted.python.failure import Failure
 
+from txcallme._wire import DIRECT_REPLY_TO
 from txcallme.amqp import Channel, Connection, Delivery, Outcome, PublishOutcome
 from txcallme.errors import BrokerConnectionLost, CallmeError, ChannelError
-
-#: RabbitMQ's pseudo-queue for Direct Reply-to.
-DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 #: (confirm number, correlation id) of a request
 Sent = tuple[int, str]

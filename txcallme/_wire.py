@@ -28,6 +28,9 @@ from txcallme.serializers import Serializer
 
 #: Methods under this prefix are reserved for txcallme itself.
 RESERVED_PREFIX = "__callme__."
+#: RabbitMQ's Direct Reply-to pseudo-queue; a ``reply_to`` starting with it
+#: (``amq.rabbitmq.reply-to.*``) is answered through the default exchange ``""``.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 def server_exchange(server_id: str) -> str:

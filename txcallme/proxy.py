@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from txcallme import _wire, callme_compat, observe
 from txcallme._deadlines import Deadline, Deadlines
-from txcallme._destinations import DIRECT_REPLY_TO, Destination, Sent
+from txcallme._destinations import Destination, Sent
 from txcallme.amqp import (
     Channel,
     Connection,
@@ -181,7 +181,7 @@ class Proxy:
         if not direct_reply_to:
             check_reply_user(self.params.user)
             self._new_names()
-        self._reply_to = DIRECT_REPLY_TO if direct_reply_to else self.exchange
+        self._reply_to = _wire.DIRECT_REPLY_TO if direct_reply_to else self.exchange
         self._names_used = False
         self._pending: dict[str, _Call] = {}
         self._deadlines = Deadlines(reactor, self._expire)

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from txcallme import _introspect, _wire, callme_compat, observe
+from txcallme._wire import DIRECT_REPLY_TO
 from txcallme.amqp import (
     Acker,
     Channel,
@@ -69,9 +70,6 @@ DEFAULT_DELIVERY_LIMIT = 10
 QUEUE_TYPES = ("classic", "quorum")
 #: Reply codes of a refused declaration: fatal on a first start, retried after.
 REFUSAL_CODES = (403, 405, 406, 541)
-#: reply_to prefix of RabbitMQ's Direct Reply-to pseudo-queue (``amq.rabbitmq.reply-to.*``):
-#: such replies go to the default exchange ``""`` with the reply_to as routing key.
-DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 #: Seconds between two checks that the server's exchange still exists (a deleted
 #: exchange, unlike a deleted queue, cancels no consumer: nothing else notices).
 REPAIR_INTERVAL = 15.0
@@ -545,15 +543,11 @@ class CallmeServerService(Service):
             channel.on_close.append(lambda error: self._consumer_closed(connection, ch, error))
             channel.on_consumer_cancelled = \
                 lambda tag: self._consumer_cancelled(connection, ch, ack, tag)
-        decl = self.declarations
         used = acker
         try:
-            if self._callme is not None:
-                await callme_compat.declare_server(channel, self.server_id,
-                                                   durable=self.durable)
-            else:
-                await decl.declare(channel)
-            tag = await channel.consume(decl.queue, lambda d: self._request(used, d))
+            await self._declare(channel)
+            tag = await channel.consume(self.declarations.queue,
+                                        lambda d: self._request(used, d))
         except ChannelError as e:
             if e.code not in REFUSAL_CODES:
                 raise
@@ -565,6 +559,14 @@ class CallmeServerService(Service):
                 pass
             return
         self._consumer = _Consumer(channel, acker, tag)
+
+    async def _declare(self, channel: Channel) -> None:
+        """Declare the server's exchange and queue and bind them (callme's flags in
+        compat mode)."""
+        if self._callme is not None:
+            await callme_compat.declare_server(channel, self.server_id, durable=self.durable)
+        else:
+            await self.declarations.declare(channel)
 
     def _refused(self, error: ChannelError) -> DeclarationRefused:
         refusal = DeclarationRefused(self.server_id, error.code, error.text, refusal_hint(
@@ -625,11 +627,7 @@ class CallmeServerService(Service):
                  "declaring and binding it again", exchange=decl.exchange, queue=decl.queue)
         channel = await connection.open_channel()
         try:
-            if self._callme is not None:
-                await callme_compat.declare_server(channel, self.server_id,
-                                                   durable=self.durable)
-            else:
-                await decl.declare(channel)
+            await self._declare(channel)
         finally:
             if not channel.closed:
                 await channel.close()
