@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv rabbitmq test demo lint typecheck bench clean
+.PHONY: venv rabbitmq node test demo lint typecheck bench clean
 
 # compat mode puts the repo root on sys.path (a .pth file), so Twisted's plugin
 # discovery finds twisted/plugins/callme_plugin.py from the editable install.
@@ -20,7 +20,11 @@ $(STAMP): setup.cfg pyproject.toml
 rabbitmq:
 	scripts/ensure-rabbitmq
 
-test: rabbitmq venv
+# node and amqplib for the Node.js interop test (tests/foreign/node)
+node:
+	scripts/ensure-node
+
+test: rabbitmq node venv
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: rabbitmq venv

@@ -34,18 +34,16 @@ NODE_DIR = FOREIGN / "node"
 URL = f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/%2F"
 
 
-def node_or_skip() -> str:
-    """The node executable; skip (with the reason) when it is not installed.
-    With node but without ``npm ci`` run, fail: CI (.ci/run) installs amqplib."""
+def node_or_fail() -> str:
+    """The node executable; a failure that says what to do when node or amqplib is
+    missing (``make test`` runs scripts/ensure-node, which installs both)."""
     node = shutil.which("node")
-    if node is None and os.environ.get("CI"):
-        pytest.fail("node is not installed, but CI must run the Node.js interop test")
     if node is None:
-        pytest.skip("node is not installed: the Node.js (amqplib) interop test needs "
-                    "Node 18+ and `npm ci` in tests/foreign/node")
+        pytest.fail("node is not installed: the Node.js (amqplib) interop test needs "
+                    "Node 18+; run scripts/ensure-node (make test does)")
     if not (NODE_DIR / "node_modules" / "amqplib").is_dir():
-        pytest.fail("amqplib is not installed: run `npm ci` in tests/foreign/node "
-                    "(.ci/run does)")
+        pytest.fail("amqplib is not installed in tests/foreign/node: run "
+                    "scripts/ensure-node (make test does), or npm ci there")
     return node
 
 
@@ -53,7 +51,7 @@ def client_command(kind: str) -> tuple[str, list[str]]:
     """Executable and arguments of a foreign client."""
     if kind == "pika":
         return sys.executable, [str(FOREIGN / "pika_client.py")]
-    return node_or_skip(), [str(NODE_DIR / "client.js")]
+    return node_or_fail(), [str(NODE_DIR / "client.js")]
 
 
 CALLS: list[tuple[Any, ...]] = []
@@ -109,7 +107,7 @@ def error_of(case: dict[str, Any]) -> dict[str, Any]:
 async def test_foreign_client_calls_txcallme_server(kind: str, services: Any,
                                                     sid: str) -> None:
     """A pika / Node.js client written from README gets every documented answer."""
-    client_command(kind)  # skip before starting anything
+    client_command(kind)  # fail (node missing) before starting anything
     await start_server(services, sid)
     CALLS.clear()
     cases = await run_client(kind, sid)
@@ -167,7 +165,7 @@ def server_command(kind: str) -> list[str]:
     """Command line of a foreign server."""
     if kind == "pika":
         return [sys.executable, str(FOREIGN / "pika_server.py")]
-    return [node_or_skip(), str(NODE_DIR / "server.js")]
+    return [node_or_fail(), str(NODE_DIR / "server.js")]
 
 
 async def publish_for_gone_caller(server_id: str) -> None:
